@@ -1,0 +1,47 @@
+"""sparsegrad: SparseGrad fine-tuning of Transformer MLP blocks (Chekalina et al., EMNLP 2024).
+
+Calibrate HOSVD bases of the MLP weight gradients, swap the MLP linears for `SparseGradLinear`, train exactly k
+entries of each rotated weight per step, merge back to plain nn.Linear. The core imports only torch, safetensors
+and tqdm; the fine-tuning product (data, bundled models, baselines, CLI) lives in `sparsegrad.finetune`.
+"""
+
+from .adapter import load_adapter, read_adapter, save_adapter
+from .bases import SparseGradBases, estimate_bases, factors_from_gram, identity_bases
+from .config import BERT_MLP_TARGETS, LLAMA_MLP_TARGETS, SparseGradConfig
+from .layer import SparseGradLinear, topk_energy_share, topk_indices
+from .model import (
+    count_parameters,
+    get_sparsegrad_model,
+    merge_and_unload,
+    print_trainable_parameters,
+    sparsegrad_layers,
+    training_state_bytes,
+)
+from .optim import SparseGradAdamW, create_optimizer, sparse_adam_update
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BERT_MLP_TARGETS",
+    "LLAMA_MLP_TARGETS",
+    "SparseGradAdamW",
+    "SparseGradBases",
+    "SparseGradConfig",
+    "SparseGradLinear",
+    "count_parameters",
+    "create_optimizer",
+    "estimate_bases",
+    "factors_from_gram",
+    "get_sparsegrad_model",
+    "identity_bases",
+    "load_adapter",
+    "merge_and_unload",
+    "print_trainable_parameters",
+    "read_adapter",
+    "save_adapter",
+    "sparse_adam_update",
+    "sparsegrad_layers",
+    "topk_energy_share",
+    "topk_indices",
+    "training_state_bytes",
+]

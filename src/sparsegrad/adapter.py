@@ -1,0 +1,194 @@
+"""Adapters: the trained delta in two files, `adapter_config.json` + `adapter_model.safetensors` (no pickle).
+
+The safetensors file holds the bases once per kind (``bases/u_out/<kind>``, ``bases/u_in/<kind>``; none for
+identity bases), per converted module its sparse delta (``<module>.delta_indices`` int32, ``<module>.delta_values``
+fp32) and every other parameter that was left trainable, in full, under its model name. The JSON holds the config,
+the layers, a fingerprint of the base (shapes and a hash of the target weights) and the sha256 of the safetensors
+file, so a torn pair of files is detected. Both files are written atomically (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as st_save
+from torch import nn
+
+from .bases import SparseGradBases
+from .config import SparseGradConfig
+from .io import atomic_write_bytes, read_safetensors, sha256_bytes
+from .model import CONFIG_ATTR, get_sparsegrad_model, sparsegrad_layers
+from .targets import find_targets
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT = "sparsegrad-adapter"
+VERSION = 1
+
+
+def _weights_hash(weights: list[tuple[str, torch.Tensor]]) -> str:
+    digest = hashlib.sha256()
+    for name, w in weights:
+        digest.update(name.encode())
+        digest.update(str(tuple(w.shape)).encode())
+        digest.update(w.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _extra_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Trainable parameters outside the SparseGrad deltas (biases, norms, heads, attention when trained)."""
+    owned = set()
+    for layer in sparsegrad_layers(model).values():
+        owned.update({id(layer.weight), id(layer.delta_values)})
+    return {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) not in owned}
+
+
+def save_adapter(model: nn.Module, path: str | Path) -> Path:
+    """Write the adapter of a converted (and trained) model into directory ``path``; returns the directory."""
+    config: SparseGradConfig | None = getattr(model, CONFIG_ATTR, None)
+    layers = sparsegrad_layers(model)
+    if config is None or not layers:
+        raise ValueError("save_adapter needs a model converted with sg.get_sparsegrad_model")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"adapter path {path} exists and is not a directory")
+    tensors: dict[str, torch.Tensor] = {}
+    layer_info: dict[str, Any] = {}
+    identity = all(layer.identity_basis for layer in layers.values())
+    for name, layer in layers.items():
+        if not identity and f"bases/u_out/{layer.kind}" not in tensors:
+            tensors[f"bases/u_out/{layer.kind}"] = layer.u_out.detach().float().cpu().contiguous()
+            tensors[f"bases/u_in/{layer.kind}"] = layer.u_in.detach().float().cpu().contiguous()
+        index_dtype = torch.int32 if layer.out_features * layer.in_features < 2**31 else torch.int64
+        tensors[f"{name}.delta_indices"] = layer.delta_indices.detach().to(index_dtype).cpu().contiguous()
+        values = layer.delta_values.detach().float().cpu()
+        tensors[f"{name}.delta_values"] = (values[:0] if layer.support_pending else values).contiguous()
+        layer_info[name] = {"kind": layer.kind, "k": layer.k, "shape": [layer.out_features, layer.in_features],
+                            "support_size": int(layer.delta_indices.numel()), "dtype": str(layer.weight.dtype)}
+    extra = _extra_trainable(model)
+    for name, p in extra.items():
+        tensors[name] = p.detach().cpu().contiguous()
+    blob = st_save(tensors, metadata={"format": FORMAT})
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": config.to_dict(),
+        "identity_basis": identity,
+        "layers": layer_info,
+        "trainable_params": {n: list(p.shape) for n, p in extra.items()},
+        "base_fingerprint": {
+            "target_weights_sha256": _weights_hash([(n, l.base_weight) for n, l in layers.items()]),
+            "target_shapes": {n: [l.out_features, l.in_features] for n, l in layers.items()},
+        },
+        "weights_sha256": sha256_bytes(blob),
+    }
+    atomic_write_bytes(path / WEIGHTS_NAME, blob)
+    atomic_write_bytes(path / CONFIG_NAME, (json.dumps(meta, indent=2) + "\n").encode())
+    return path
+
+
+def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read and check an adapter directory: (metadata, tensors)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"adapter directory not found: {path}")
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} is missing: not a sparsegrad adapter directory")
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{cfg_file} is not valid JSON ({exc}); the adapter is corrupt") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{cfg_file} is not a sparsegrad adapter config (format != {FORMAT!r})")
+    if meta.get("version") != VERSION:
+        raise ValueError(f"adapter format version {meta.get('version')!r} is not supported (this is {VERSION})")
+    tensors, blob = read_safetensors(path / WEIGHTS_NAME, "adapter weights")
+    if sha256_bytes(blob) != meta.get("weights_sha256"):
+        raise ValueError(
+            f"{path / WEIGHTS_NAME} does not match {CONFIG_NAME} (checksum differs): the files come from "
+            "different saves or one was altered"
+        )
+    return meta, tensors
+
+
+def load_adapter(base_model: nn.Module, path: str | Path) -> nn.Module:
+    """Convert ``base_model`` in place and load the adapter at ``path`` into it; returns the model, whose outputs
+    equal those of the model that was saved. Refuses a base with other shapes or other target weights."""
+    meta, tensors = read_adapter(path)
+    config = SparseGradConfig.from_dict(meta["config"])
+    targets = dict(find_targets(base_model, config))
+    fingerprint = meta["base_fingerprint"]
+    expected = fingerprint["target_shapes"]
+    if set(targets) != set(expected):
+        missing, extra = sorted(set(expected) - set(targets)), sorted(set(targets) - set(expected))
+        raise ValueError(f"base model does not fit the adapter: modules missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, shape in expected.items():
+        if list(targets[name].weight.shape) != shape:
+            raise ValueError(
+                f"base model does not fit the adapter: {name} is {list(targets[name].weight.shape)}, "
+                f"the adapter was trained on {shape}"
+            )
+    if _weights_hash([(n, targets[n].weight) for n in expected]) != fingerprint["target_weights_sha256"]:
+        raise ValueError("base model weights differ from those the adapter was trained on (target weight hash)")
+    params = dict(base_model.named_parameters())
+    for name, shape in meta["trainable_params"].items():
+        if name not in params:
+            raise ValueError(f"base model has no parameter {name!r} that the adapter trained")
+        if list(params[name].shape) != shape:
+            raise ValueError(f"parameter {name} is {list(params[name].shape)} in the base, {shape} in the adapter")
+    layers = meta["layers"]
+    if meta["identity_basis"]:
+        from .bases import identity_bases
+
+        bases = identity_bases(base_model, config)
+    else:
+        factors = {}
+        for info in layers.values():
+            kind = info["kind"]
+            try:
+                factors[kind] = (tensors[f"bases/u_out/{kind}"], tensors[f"bases/u_in/{kind}"])
+            except KeyError:
+                raise ValueError(f"adapter weights lack the bases of kind {kind!r}") from None
+        bases = SparseGradBases(factors=factors)
+    get_sparsegrad_model(base_model, config, bases)
+    state: dict[str, torch.Tensor] = {}
+    for name in layers:
+        try:
+            idx, vals = tensors[f"{name}.delta_indices"], tensors[f"{name}.delta_values"]
+        except KeyError:
+            raise ValueError(f"adapter weights lack the delta of {name}") from None
+        if idx.numel() != vals.numel() or idx.dim() != 1:
+            raise ValueError(f"adapter delta of {name} has {idx.numel()} indices for {vals.numel()} values")
+        state[f"{name}.delta_indices"] = idx.long()
+        state[f"{name}.delta_values"] = vals.float()
+    for name in meta["trainable_params"]:
+        state[name] = tensors[name]
+    with torch.no_grad():
+        layer_map = sparsegrad_layers(base_model)
+        for name, layer in layer_map.items():
+            _load_delta(layer, state.pop(f"{name}.delta_indices"), state.pop(f"{name}.delta_values"), name)
+        for name, value in state.items():
+            params[name].copy_(value.to(params[name].dtype))
+    return base_model
+
+
+def _load_delta(layer, indices: torch.Tensor, values: torch.Tensor, name: str) -> None:
+    n = layer.out_features * layer.in_features
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
+        raise ValueError(f"adapter delta of {name} has indices outside its {layer.out_features}x{layer.in_features}")
+    if layer.support == "fixed" and indices.numel() not in (0, layer.k):
+        raise ValueError(f"adapter delta of {name} has {indices.numel()} entries, its fixed support needs {layer.k}")
+    device = layer.weight.device
+    if layer.support == "fixed" and indices.numel() == 0:  # saved before its first step: support still pending
+        values = torch.zeros(layer.k)
+    layer.delta_indices = indices.to(device)
+    if isinstance(layer.delta_values, nn.Parameter):
+        layer.delta_values.data = values.to(device)
+    else:
+        layer.delta_values = values.to(device)
+    layer.sync_weight(force=True)

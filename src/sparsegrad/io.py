@@ -1,0 +1,47 @@
+"""Atomic file writes and checked safetensors reads: nothing a user saved is ever half-written."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from torch import Tensor
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, flush it to disk, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, Tensor], bytes]:
+    """Load a safetensors file, turning a missing, empty, truncated or corrupt file into a clear ValueError."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    data = path.read_bytes()
+    if not data:
+        raise ValueError(f"{what} {path} is empty")
+    try:
+        return st_load(data), data
+    except (SafetensorError, Exception) as exc:  # safetensors raises several types for bad headers
+        raise ValueError(f"{what} {path} is corrupt or truncated ({exc}); save it again") from None

@@ -1,0 +1,301 @@
+"""`SparseGradLinear`: an nn.Linear whose weight trains only through k entries of a rotated basis.
+
+The layer keeps three things per matrix:
+
+* ``base_weight`` W0: the pretrained weight, frozen, in the original basis;
+* the delta in the rotated basis, sparse: flat ``delta_indices`` into an out x in matrix and ``delta_values``;
+* ``weight`` = W0 + U_out · scatter(delta) · U_inᵀ, the effective weight the forward uses. It is rebuilt from W0
+  and the delta (not incremented), so a model loaded from an adapter has bit-identical weights.
+
+Rotated gradient (what the top-k is taken of): ``u_out.T @ G @ u_in`` with G = ∂L/∂W, the ordinary weight gradient.
+
+Two support modes:
+
+* ``dynamic`` (the paper): ``weight`` receives the plain dense gradient G from autograd (the cheapest backward there
+  is); `SparseGradAdamW` rotates it, keeps exactly the top-k entries and updates them with a lazy sparse Adam. The
+  delta holds every entry ever updated, so its length is the count the paper does not report.
+* ``fixed``: the support is chosen once and ``delta_values`` (k long) is an ordinary Parameter whose gradient the
+  backward computes directly at the support, so any optimizer keeps k-sized state.
+
+The bias stays in the original output space, and its gradient is Σ ∂L/∂Y over batch and tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def topk_indices(scores: Tensor, k: int) -> Tensor:
+    """Sorted flat indices of exactly ``k`` entries of largest magnitude; ties go to the lower index."""
+    flat = scores.reshape(-1).abs()
+    n = flat.numel()
+    if k >= n:
+        return torch.arange(n, device=flat.device)
+    values, indices = torch.topk(flat, k, sorted=False)
+    kth = values.min()
+    if int((flat == kth).sum()) == int((values == kth).sum()):  # no tie straddles the cut: the set is unique
+        return indices.sort().values
+    above = torch.nonzero(flat > kth).squeeze(1)
+    ties = torch.nonzero(flat == kth).squeeze(1)[: k - above.numel()]
+    return torch.cat([above, ties]).sort().values
+
+
+def topk_energy_share(scores: Tensor, k: int) -> float:
+    """Share of Σ scores² held by the k entries of largest magnitude."""
+    sq = scores.double().reshape(-1).square()
+    total = sq.sum()
+    if total == 0:
+        return 0.0
+    return float(torch.topk(sq, min(k, sq.numel())).values.sum() / total)
+
+
+def _support_blocks(indices: Tensor, in_features: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The rows and columns a flat support touches, and each entry's flat position in that sub-block."""
+    rows, cols = indices // in_features, indices % in_features
+    urows, inv_r = torch.unique(rows, return_inverse=True)
+    ucols, inv_c = torch.unique(cols, return_inverse=True)
+    return urows, ucols, inv_r * ucols.numel() + inv_c
+
+
+def rotated_to_weight(
+    indices: Tensor, values: Tensor, u_out: Tensor | None, u_in: Tensor | None, shape: tuple[int, int]
+) -> Tensor:
+    """U_out · scatter(indices, values) · U_inᵀ in fp32, touching only the rows and columns in the support."""
+    out_features, in_features = shape
+    dense = torch.zeros(out_features * in_features, dtype=torch.float32, device=values.device)
+    if indices.numel() == 0:
+        return dense.view(shape)
+    if u_out is None:  # identity basis (MeProp)
+        dense[indices] = values.float()
+        return dense.view(shape)
+    urows, ucols, local = _support_blocks(indices, in_features)
+    if urows.numel() * ucols.numel() * 2 > out_features * in_features:
+        # The support spans most of the matrix: two dense products beat gathering the bases' columns.
+        dense[indices] = values.float()
+        dense = dense.view(shape)
+        if out_features >= in_features:
+            return u_out @ (dense @ u_in.T)
+        return (u_out @ dense) @ u_in.T
+    block = torch.zeros(urows.numel() * ucols.numel(), dtype=torch.float32, device=values.device)
+    block[local] = values.float()
+    block = block.view(urows.numel(), ucols.numel())
+    left, right = u_out[:, urows], u_in[:, ucols]
+    # Pick the cheaper association of left @ block @ right.T.
+    if out_features * ucols.numel() * (urows.numel() + in_features) <= in_features * urows.numel() * (
+        ucols.numel() + out_features
+    ):
+        return (left @ block) @ right.T
+    return left @ (block @ right.T)
+
+
+class _FixedSupportLinear(torch.autograd.Function):
+    """y = x Wᵀ + b, where W is the layer's effective weight; the gradient of the k support values is taken
+    directly in the rotated basis."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, values: Tensor, bias: Tensor | None, weight: Tensor, layer: "SparseGradLinear"):
+        ctx.layer = layer
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, weight = ctx.saved_tensors
+        layer: SparseGradLinear = ctx.layer
+        grad_x = grad_values = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ weight
+        gy = grad_out.reshape(-1, grad_out.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = gy.sum(0)
+        if ctx.needs_input_grad[1]:
+            grad_values = layer._support_gradient(x.reshape(-1, x.shape[-1]), gy)
+        return grad_x, grad_values, grad_bias, None, None
+
+
+class SparseGradLinear(nn.Module):
+    """Drop-in replacement of an nn.Linear trained by SparseGrad.
+
+    Attributes kept for users: ``in_features``, ``out_features``, ``bias`` (original output space, or None),
+    ``u_out`` (out x out) and ``u_in`` (in x in) in fp32, ``k`` (entries per step), ``support`` and ``kind``.
+    """
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        u_out: Tensor,
+        u_in: Tensor,
+        *,
+        k: int,
+        support: str,
+        kind: str,
+        identity_basis: bool = False,
+        fixed_indices: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if type(linear) is not nn.Linear:
+            raise ValueError(f"SparseGradLinear wraps an nn.Linear, got {type(linear).__name__}")
+        out_features, in_features = linear.weight.shape
+        if tuple(u_out.shape) != (out_features, out_features) or tuple(u_in.shape) != (in_features, in_features):
+            raise ValueError(
+                f"bases of shapes u_out={tuple(u_out.shape)}, u_in={tuple(u_in.shape)} do not fit a "
+                f"{out_features}x{in_features} weight (need {out_features}x{out_features} and "
+                f"{in_features}x{in_features})"
+            )
+        if not 0 < k <= out_features * in_features:
+            raise ValueError(f"k={k} must be in [1, {out_features * in_features}]")
+        if support not in ("dynamic", "fixed"):
+            raise ValueError(f"unknown support mode {support!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.k, self.support, self.kind = int(k), support, kind
+        self.identity_basis = bool(identity_basis)
+        self.base_requires_grad = linear.weight.requires_grad
+        device = linear.weight.device
+        self.register_buffer("base_weight", linear.weight.detach().clone())
+        self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=(support == "dynamic"))
+        self.bias = linear.bias
+        self.register_buffer("u_out", u_out)
+        self.register_buffer("u_in", u_in)
+        if support == "fixed":
+            indices = torch.empty(0, dtype=torch.long, device=device)
+            if fixed_indices is not None:
+                indices = self._checked_indices(fixed_indices.to(device=device, dtype=torch.long))
+            self.register_buffer("delta_indices", indices)
+            self.delta_values = nn.Parameter(torch.zeros(self.k, dtype=torch.float32, device=device))
+        else:
+            self.register_buffer("delta_indices", torch.empty(0, dtype=torch.long, device=device))
+            self.register_buffer("delta_values", torch.empty(0, dtype=torch.float32, device=device))
+        self._merged_key: tuple | None = None
+        self._blocks_key: tuple | None = None
+        self._blocks: tuple[Tensor, ...] | None = None
+        self._merged_key = self._delta_key()  # weight == base_weight holds for an empty delta
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    def _checked_indices(self, indices: Tensor) -> Tensor:
+        n = self.out_features * self.in_features
+        if indices.dim() != 1 or indices.numel() != self.k:
+            raise ValueError(f"a fixed support needs {self.k} indices, got shape {tuple(indices.shape)}")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
+            raise ValueError(f"support indices fall outside the {self.out_features}x{self.in_features} matrix")
+        indices = indices.sort().values
+        if indices.numel() > 1 and bool((indices[1:] == indices[:-1]).any()):
+            raise ValueError("support indices repeat an entry")
+        return indices
+
+    @property
+    def support_pending(self) -> bool:
+        """A fixed support not yet chosen (it will be, from the first step's rotated gradient)."""
+        return self.support == "fixed" and self.delta_indices.numel() == 0
+
+    def rotate(self, grad: Tensor) -> Tensor:
+        """The rotated gradient u_out.T @ grad @ u_in, in fp32."""
+        grad = grad.float()
+        if self.identity_basis:
+            return grad
+        return self.u_out.T @ grad @ self.u_in
+
+    def _delta_key(self) -> tuple:
+        v, i = self.delta_values, self.delta_indices
+        return (v.data_ptr(), v._version, v.numel(), i.data_ptr(), i._version, i.numel())
+
+    def delta_weight(self) -> Tensor:
+        """The trained change of the weight in the original basis, fp32."""
+        u_out = None if self.identity_basis else self.u_out
+        u_in = None if self.identity_basis else self.u_in
+        return rotated_to_weight(
+            self.delta_indices, self.delta_values.detach(), u_out, u_in, (self.out_features, self.in_features)
+        )
+
+    @torch.no_grad()
+    def sync_weight(self, force: bool = False) -> None:
+        """Rebuild ``weight`` = W0 + delta when the delta changed since the last rebuild."""
+        key = self._delta_key()
+        if not force and key == self._merged_key:
+            return
+        if self.delta_indices.numel() == 0:
+            self.weight.copy_(self.base_weight)
+        else:
+            self.weight.copy_((self.base_weight.float() + self.delta_weight()).to(self.weight.dtype))
+        self._merged_key = self._delta_key()
+
+    def entries_updated(self) -> int:
+        """Distinct entries of the rotated matrix whose delta is non-zero."""
+        return int(torch.count_nonzero(self.delta_values.detach()))
+
+    def _support_block_cache(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(rows, cols, local flat index, u_out[:, rows], u_in[:, cols]) of the fixed support, kept until the
+        support or the bases change."""
+        key = (self.delta_indices.data_ptr(), self.delta_indices._version, self.delta_indices.numel(),
+               self.u_out.data_ptr(), self.u_in.data_ptr())
+        if self._blocks is None or key != self._blocks_key:
+            urows, ucols, local = _support_blocks(self.delta_indices, self.in_features)
+            self._blocks = (urows, ucols, local, self.u_out[:, urows].contiguous(), self.u_in[:, ucols].contiguous())
+            self._blocks_key = key
+        return self._blocks
+
+    @torch.no_grad()
+    def _support_gradient(self, x: Tensor, gy: Tensor) -> Tensor:
+        """Gradient of the fixed-support values: (u_out.T G u_in)[support], G = gyᵀ x, without forming the whole
+        rotated matrix once the support is known. Token rows with zero output gradient (padding) are skipped."""
+        live = gy.any(dim=1)
+        if not bool(live.all()):
+            x, gy = x[live], gy[live]
+        x, gy = x.float(), gy.float()
+        if self.support_pending:  # first step chooses the support from the whole rotated gradient
+            rotated = self.rotate(gy.T @ x)
+            self.delta_indices = topk_indices(rotated, self.k)
+            return rotated.reshape(-1)[self.delta_indices]
+        if self.identity_basis:
+            return (gy.T @ x).reshape(-1)[self.delta_indices]
+        urows, ucols, local, left, right = self._support_block_cache()
+        n = x.shape[0]
+        via_tokens = n * (self.out_features * urows.numel() + self.in_features * ucols.numel() + urows.numel() * ucols.numel())
+        via_dense = n * self.out_features * self.in_features + self.out_features * ucols.numel() * (
+            self.in_features + urows.numel()
+        )
+        if via_tokens < via_dense:
+            block = (gy @ left).T @ (x @ right)
+        else:
+            block = left.T @ ((gy.T @ x) @ right)
+        return block.reshape(-1)[local]
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def forward(self, x: Tensor) -> Tensor:
+        self.sync_weight()
+        if self.support == "fixed" and torch.is_grad_enabled() and self.delta_values.requires_grad:
+            return _FixedSupportLinear.apply(x, self.delta_values, self.bias, self.weight, self)
+        return F.linear(x, self.weight, self.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # The delta's length is data (it grows in dynamic mode): take the incoming length before copying.
+        for name in ("delta_indices", "delta_values"):
+            incoming = state_dict.get(prefix + name)
+            current = getattr(self, name)
+            if incoming is not None and incoming.shape != current.shape:
+                fresh = torch.zeros(incoming.shape, dtype=current.dtype, device=current.device)
+                if isinstance(current, nn.Parameter):
+                    current.data = fresh
+                else:
+                    self._buffers[name] = fresh
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self._merged_key = None
+
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear with the trained weight (the bias Parameter is shared, not copied)."""
+        self.sync_weight()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        linear.weight = nn.Parameter(self.weight.detach().clone(), requires_grad=self.base_requires_grad)
+        if self.bias is not None:
+            linear.bias = self.bias
+        return linear
+
+    def extra_repr(self) -> str:
+        basis = "identity" if self.identity_basis else "rotated"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"k={self.k}, support={self.support}, basis={basis}, kind={self.kind!r}"
+        )

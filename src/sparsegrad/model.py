@@ -1,0 +1,139 @@
+"""Wrapping a model: swap target nn.Linear modules for SparseGradLinear, count what trains, merge back."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .bases import SparseGradBases
+from .config import SparseGradConfig
+from .layer import SparseGradLinear
+from .targets import find_targets, kind_of
+
+CONFIG_ATTR = "sparsegrad_config"
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def sparsegrad_layers(model: nn.Module) -> dict[str, SparseGradLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SparseGradLinear)}
+
+
+def get_sparsegrad_model(model: nn.Module, config: SparseGradConfig, bases: SparseGradBases) -> nn.Module:
+    """Swap, in place, every nn.Linear the config selects for a `SparseGradLinear` using ``bases``.
+
+    The converted model computes exactly what the original did (same output, input gradient and bias gradient).
+    Other parameters keep their ``requires_grad``. Returns the same model object.
+    """
+    config.validate()
+    if not isinstance(bases, SparseGradBases):
+        raise ValueError(f"bases must be SparseGradBases (from sg.estimate_bases), got {type(bases).__name__}")
+    if sparsegrad_layers(model) or getattr(model, CONFIG_ATTR, None) is not None:
+        raise ValueError("the model is already converted to SparseGrad; convert a fresh copy of the base model")
+    targets = find_targets(model, config)
+    plans = []
+    for name, linear in targets:
+        kind = kind_of(name, config)
+        u_out, u_in = bases.get(kind)
+        out_f, in_f = linear.weight.shape
+        if tuple(u_out.shape) != (out_f, out_f) or tuple(u_in.shape) != (in_f, in_f):
+            raise ValueError(
+                f"bases of kind {kind!r} are {tuple(u_out.shape)} and {tuple(u_in.shape)}, but {name} is "
+                f"{out_f}x{in_f}: they were calibrated on another model or config"
+            )
+        plans.append((name, linear, kind, config.budget(out_f, in_f, name=name)))
+    on_device: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, linear, kind, k in plans:
+        device = linear.weight.device
+        if (kind, device) not in on_device:  # one copy per kind: blocks share their bases
+            u_out, u_in = bases.get(kind)
+            on_device[(kind, device)] = (u_out.to(device, torch.float32), u_in.to(device, torch.float32))
+        u_out, u_in = on_device[(kind, device)]
+        fixed = bases.fixed_supports.get(name) if config.support == "fixed" else None
+        if fixed is not None and fixed.numel() != k:
+            fixed = None  # calibrated for another budget: choose from the first step instead
+        layer = SparseGradLinear(linear, u_out, u_in, k=k, support=config.support, kind=kind,
+                                 identity_basis=bases.identity, fixed_indices=fixed)
+        _set_submodule(model, name, layer)
+    setattr(model, CONFIG_ATTR, config)
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Replace every SparseGradLinear by a plain nn.Linear holding the trained weight. The result has the base
+    architecture, the same state_dict keys as the original model and the trained model's outputs."""
+    layers = sparsegrad_layers(model)
+    if not layers:
+        raise ValueError("the model has no SparseGradLinear to merge")
+    for name, layer in layers.items():
+        _set_submodule(model, name, layer.to_linear())
+    if hasattr(model, CONFIG_ATTR):
+        delattr(model, CONFIG_ATTR)
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(entries that train per step, all parameters of the base architecture)."""
+    trainable = total = 0
+    layer_params: set[int] = set()
+    for layer in sparsegrad_layers(model).values():
+        layer_params.update({id(layer.weight), id(layer.delta_values)})
+        total += layer.weight.numel()
+        if layer.weight.requires_grad or layer.delta_values.requires_grad:
+            trainable += layer.k
+    seen: set[int] = set()
+    for p in model.parameters():
+        if id(p) in layer_params or id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> str:
+    """Print (and return) PEFT's line: trainable entries per step || all params || trainable%."""
+    trainable, total = count_parameters(model)
+    line = f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+    print(line)
+    return line
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def training_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+    """Exact bytes of training state: parameters that train, their gradients (as they are now: call it after
+    backward and before zero_grad), and the optimizer's state tensors.
+
+    For a SparseGrad layer what trains is its delta (values and indices), not the effective weight it keeps
+    merged for the forward; a dynamic layer's dense weight gradient is counted as a gradient.
+    """
+    layers = sparsegrad_layers(model).values()
+    layer_weights = {id(layer.weight) for layer in layers}
+    params = grads = 0
+    seen: set[int] = set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.grad is not None:
+            grads += _nbytes(p.grad)
+        if p.requires_grad and id(p) not in layer_weights:
+            params += _nbytes(p)
+    for layer in layers:
+        if layer.weight.requires_grad or layer.delta_values.requires_grad:
+            params += _nbytes(layer.delta_indices)
+            if not isinstance(layer.delta_values, nn.Parameter):
+                params += _nbytes(layer.delta_values)
+    state = 0
+    if optimizer is not None:
+        for entry in optimizer.state.values():
+            state += sum(_nbytes(v) for v in entry.values() if isinstance(v, torch.Tensor))
+    return {"params": params, "grads": grads, "optimizer_state": state, "total": params + grads + state}

@@ -1,0 +1,102 @@
+"""Adapters: exact reload, fingerprint checks, corrupt files, atomic writes."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sparsegrad as sg
+from conftest import bert_batches, make_tiny_bert
+from test_model import converted_bert, train
+
+
+@pytest.mark.parametrize("support", ["dynamic", "fixed"])
+def test_round_trip_reproduces_outputs_exactly(tmp_path, support):
+    model = converted_bert(support)
+    model.bert.encoder.layer[0].attention.output.dense.weight.requires_grad_(False)
+    train(model, steps=4)
+    batch = bert_batches(1, seed=3)[0]
+    expected = model(**batch).logits.detach()
+    sg.save_adapter(model, tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json",
+                                                                        "adapter_model.safetensors"]
+    tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    name = "bert.encoder.layer.0.intermediate.dense"
+    assert tensors[f"{name}.delta_indices"].dtype == torch.int32
+    assert "classifier.weight" in tensors and "bert.encoder.layer.0.output.LayerNorm.weight" in tensors
+    assert "bert.encoder.layer.0.attention.output.dense.weight" not in tensors  # frozen: not saved
+    assert sum(k.startswith("bases/u_out/") for k in tensors) == 2  # once per kind
+    loaded = sg.load_adapter(make_tiny_bert(), tmp_path / "adapter")
+    torch.testing.assert_close(loaded(**batch).logits, expected, rtol=0, atol=0)
+    size = sum(f.stat().st_size for f in (tmp_path / "adapter").iterdir())
+    assert size > 0
+
+
+def test_refuses_another_base(tmp_path):
+    model = converted_bert()
+    train(model)
+    sg.save_adapter(model, tmp_path / "a")
+    with pytest.raises(ValueError, match="weights differ"):
+        sg.load_adapter(make_tiny_bert(seed=5), tmp_path / "a")
+    from conftest import make_tiny_bert as mk
+    deeper = mk(layers=3)
+    with pytest.raises(ValueError, match="does not fit the adapter"):
+        sg.load_adapter(deeper, tmp_path / "a")
+
+
+def test_corrupt_truncated_and_torn_files(tmp_path):
+    model = converted_bert()
+    train(model)
+    path = sg.save_adapter(model, tmp_path / "a")
+    weights = path / "adapter_model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated|does not match"):
+        sg.load_adapter(make_tiny_bert(), path)
+    weights.write_bytes(b"")
+    with pytest.raises(ValueError, match="empty"):
+        sg.load_adapter(make_tiny_bert(), path)
+    weights.write_bytes(good)
+    cfg = path / "adapter_config.json"
+    meta = json.loads(cfg.read_text())
+    meta["weights_sha256"] = "0" * 64
+    cfg.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="does not match"):
+        sg.load_adapter(make_tiny_bert(), path)
+    cfg.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        sg.load_adapter(make_tiny_bert(), path)
+    with pytest.raises(FileNotFoundError):
+        sg.load_adapter(make_tiny_bert(), tmp_path / "nowhere")
+
+
+def test_save_is_atomic_and_overwrites_cleanly(tmp_path, monkeypatch):
+    model = converted_bert()
+    path = sg.save_adapter(model, tmp_path / "a")
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    train(model)
+
+    import sparsegrad.io as sio
+    real_replace = sio.os.replace
+    calls = []
+
+    def failing_replace(src, dst):
+        calls.append(dst)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(sio.os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        sg.save_adapter(model, path)
+    monkeypatch.setattr(sio.os, "replace", real_replace)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before  # old adapter intact, no temp files
+    sg.save_adapter(model, path)
+    assert sorted(p.name for p in path.iterdir()) == sorted(before)
+
+
+def test_save_errors(tmp_path):
+    with pytest.raises(ValueError, match="converted"):
+        sg.save_adapter(make_tiny_bert(), tmp_path / "a")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a directory"):
+        sg.save_adapter(converted_bert(), tmp_path / "file")

@@ -1,0 +1,126 @@
+"""The optimizer: the dynamic top-k lazy Adam against a dense re-implementation, and torch.optim conventions."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import sparsegrad as sg
+from test_layer import make_pair
+
+
+def reference_dynamic_training(ref: nn.Linear, u_out, u_in, k, batches, lr, betas, eps, wd):
+    """Dense bookkeeping: full-size rotated delta, moments and per-entry step counts; autograd on plain Linear."""
+    w0 = ref.weight.detach().clone()
+    out_f, in_f = w0.shape
+    delta = torch.zeros(out_f, in_f)
+    m, v, t = torch.zeros_like(delta), torch.zeros_like(delta), torch.zeros_like(delta)
+    for x in batches:
+        lin = nn.Linear(in_f, out_f, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(w0 + u_out @ delta @ u_in.T)
+        lin(x).square().sum().backward()
+        r = u_out.T @ lin.weight.grad @ u_in
+        sel = torch.zeros(out_f * in_f, dtype=torch.bool)
+        sel[torch.topk(r.abs().flatten(), k).indices] = True
+        sel = sel.view(out_f, in_f)
+        t[sel] += 1
+        m[sel] = betas[0] * m[sel] + (1 - betas[0]) * r[sel]
+        v[sel] = betas[1] * v[sel] + (1 - betas[1]) * r[sel] ** 2
+        mhat = m[sel] / (1 - betas[0] ** t[sel])
+        vhat = v[sel] / (1 - betas[1] ** t[sel])
+        delta[sel] = delta[sel] * (1 - lr * wd) - lr * mhat / (vhat.sqrt() + eps)
+    return w0 + u_out @ delta @ u_in.T, delta
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_dynamic_step_matches_dense_reference(wd):
+    ref, layer, u_out, u_in = make_pair(out_f=12, in_f=8, bias=False, k=9)
+    batches = [torch.randn(6, 8, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    opt = sg.SparseGradAdamW([layer.weight], lr=0.05, weight_decay=wd, sparse_layers=[layer])
+    for i, x in enumerate(batches):
+        layer(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        if i == 0:
+            assert layer.delta_indices.numel() == 9  # exactly k entries on the first step
+    expected_w, expected_delta = reference_dynamic_training(ref, u_out, u_in, 9, batches, 0.05, (0.9, 0.999), 1e-8, wd)
+    torch.testing.assert_close(layer.weight.detach(), expected_w, rtol=1e-4, atol=1e-5)
+    dense = torch.zeros(96)
+    dense[layer.delta_indices] = layer.delta_values
+    torch.testing.assert_close(dense.view(12, 8), expected_delta, rtol=1e-4, atol=1e-5)
+    assert layer.entries_updated() == int((expected_delta != 0).sum())
+    # the optimizer state is aligned with the support, never dense
+    state = opt.state[layer.weight]
+    assert state["exp_avg"].numel() == layer.delta_indices.numel() < 96
+
+
+def test_fixed_support_trains_k_values_with_k_sized_state():
+    _, layer, _, _ = make_pair(support="fixed", k=7)
+    model = nn.Sequential(layer)
+    opt = sg.create_optimizer(model, lr=0.01)
+    for _ in range(3):
+        model(torch.randn(4, 8)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    state = opt.state[layer.delta_values]
+    assert state["exp_avg"].shape == (7,) and state["exp_avg_sq"].shape == (7,)
+    assert layer.entries_updated() == 7
+    assert not torch.equal(layer.weight, layer.base_weight)
+
+
+def test_state_dict_round_trip_continues_identically():
+    def train(steps, layer, opt, seed):
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            layer(torch.randn(5, 8, generator=g)).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+
+    _, a, _, _ = make_pair()
+    opt_a = sg.SparseGradAdamW([a.weight, a.bias], lr=0.05, sparse_layers=[a])
+    train(3, a, opt_a, 0)
+    _, b, _, _ = make_pair()
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    opt_b = sg.SparseGradAdamW([b.weight, b.bias], lr=0.05, sparse_layers=[b])
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
+    train(3, a, opt_a, 1)
+    train(3, b, opt_b, 1)
+    torch.testing.assert_close(b.weight, a.weight, rtol=0, atol=0)
+
+
+def test_validation_errors_like_torch_optim():
+    _, layer, _, _ = make_pair()
+    model = nn.Sequential(layer)
+    for kwargs, msg in [({"lr": -1.0}, "learning rate"), ({"eps": -1.0}, "epsilon"),
+                        ({"betas": (1.5, 0.9)}, "beta"), ({"weight_decay": -0.1}, "weight_decay")]:
+        with pytest.raises(ValueError, match=msg):
+            sg.create_optimizer(model, **kwargs)
+    frozen = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        sg.create_optimizer(frozen)
+
+
+def test_groups_keep_norms_and_biases_and_work_with_schedulers(tiny_bert):
+    from conftest import bert_batches
+
+    cfg = sg.SparseGradConfig(density=0.05)
+    bases = sg.estimate_bases(tiny_bert, cfg, bert_batches(2), progress=False)
+    sg.get_sparsegrad_model(tiny_bert, cfg, bases)
+    opt = sg.create_optimizer(tiny_bert, lr=1e-3, weight_decay=0.01)
+    assert isinstance(opt, torch.optim.Optimizer)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    names = {n for n, p in tiny_bert.named_parameters() if id(p) in in_opt}
+    assert any("LayerNorm" in n for n in names) and any(n.endswith("bias") for n in names)
+    assert {n for n, p in tiny_bert.named_parameters() if p.requires_grad} == names
+    no_decay = next(g for g in opt.param_groups if g["name"] == "no_decay")
+    assert no_decay["weight_decay"] == 0.0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / 10)
+    for batch in bert_batches(3, seed=2):
+        tiny_bert(**batch).loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    assert math.isclose(opt.param_groups[0]["lr"], 1e-3 * 0.7)
