@@ -124,3 +124,27 @@ def test_groups_keep_norms_and_biases_and_work_with_schedulers(tiny_bert):
         sched.step()
         opt.zero_grad()
     assert math.isclose(opt.param_groups[0]["lr"], 1e-3 * 0.7)
+
+
+@pytest.mark.parametrize("support", ["dynamic", "fixed"])
+def test_gradient_accumulation_equals_the_larger_batch(support):
+    """Two half-batches summed before the step choose the same top-k and give the same update as one batch."""
+    _, a, _, _ = make_pair(support=support, k=9)
+    _, b, _, _ = make_pair(support=support, k=9)
+    if support == "fixed":
+        for layer in (a, b):
+            layer.delta_indices = torch.arange(0, 90, 10, dtype=layer.index_dtype)
+    opt_a = sg.create_optimizer(nn.Sequential(a), lr=0.05)
+    opt_b = sg.create_optimizer(nn.Sequential(b), lr=0.05)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        x = torch.randn(8, 8, generator=g)
+        a(x).square().mean().backward()
+        for half in (x[:4], x[4:]):
+            (b(half).square().mean() / 2).backward()
+        opt_a.step()
+        opt_b.step()
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+    assert torch.equal(a.delta_indices, b.delta_indices)
+    torch.testing.assert_close(b.weight, a.weight, rtol=1e-5, atol=1e-6)

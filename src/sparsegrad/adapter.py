@@ -164,7 +164,7 @@ def load_adapter(base_model: nn.Module, path: str | Path) -> nn.Module:
             raise ValueError(f"adapter weights lack the delta of {name}") from None
         if idx.numel() != vals.numel() or idx.dim() != 1:
             raise ValueError(f"adapter delta of {name} has {idx.numel()} indices for {vals.numel()} values")
-        state[f"{name}.delta_indices"] = idx.long()
+        state[f"{name}.delta_indices"] = idx
         state[f"{name}.delta_values"] = vals.float()
     for name in meta["trainable_params"]:
         state[name] = tensors[name]
@@ -184,6 +184,7 @@ def _load_delta(layer, indices: torch.Tensor, values: torch.Tensor, name: str) -
     if layer.support == "fixed" and indices.numel() not in (0, layer.k):
         raise ValueError(f"adapter delta of {name} has {indices.numel()} entries, its fixed support needs {layer.k}")
     device = layer.weight.device
+    indices = indices.to(layer.index_dtype)
     if layer.support == "fixed" and indices.numel() == 0:  # saved before its first step: support still pending
         values = torch.zeros(layer.k)
     layer.delta_indices = indices.to(device)

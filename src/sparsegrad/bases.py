@@ -74,7 +74,7 @@ class SparseGradBases:
             if group in ("u_out", "u_in"):
                 factors.setdefault(name, [None, None])[0 if group == "u_out" else 1] = tensor
             elif group == "support":
-                supports[name] = tensor.long()
+                supports[name] = tensor
         for kind, (u_out, u_in) in factors.items():
             if u_out is None or u_in is None:
                 raise ValueError(f"bases file {path} lacks a factor of kind {kind!r}")

@@ -27,6 +27,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def index_dtype(numel: int) -> torch.dtype:
+    """int32 flat indices where they fit (half the memory of int64), else int64."""
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
 def topk_indices(scores: Tensor, k: int) -> Tensor:
     """Sorted flat indices of exactly ``k`` entries of largest magnitude; ties go to the lower index."""
     flat = scores.reshape(-1).abs()
@@ -159,14 +164,15 @@ class SparseGradLinear(nn.Module):
         self.bias = linear.bias
         self.register_buffer("u_out", u_out)
         self.register_buffer("u_in", u_in)
+        self.index_dtype = index_dtype(out_features * in_features)
         if support == "fixed":
-            indices = torch.empty(0, dtype=torch.long, device=device)
+            indices = torch.empty(0, dtype=self.index_dtype, device=device)
             if fixed_indices is not None:
-                indices = self._checked_indices(fixed_indices.to(device=device, dtype=torch.long))
+                indices = self._checked_indices(fixed_indices.to(device=device, dtype=self.index_dtype))
             self.register_buffer("delta_indices", indices)
             self.delta_values = nn.Parameter(torch.zeros(self.k, dtype=torch.float32, device=device))
         else:
-            self.register_buffer("delta_indices", torch.empty(0, dtype=torch.long, device=device))
+            self.register_buffer("delta_indices", torch.empty(0, dtype=self.index_dtype, device=device))
             self.register_buffer("delta_values", torch.empty(0, dtype=torch.float32, device=device))
         self._merged_key: tuple | None = None
         self._blocks_key: tuple | None = None
@@ -246,7 +252,7 @@ class SparseGradLinear(nn.Module):
         x, gy = x.float(), gy.float()
         if self.support_pending:  # first step chooses the support from the whole rotated gradient
             rotated = self.rotate(gy.T @ x)
-            self.delta_indices = topk_indices(rotated, self.k)
+            self.delta_indices = topk_indices(rotated, self.k).to(self.index_dtype)
             return rotated.reshape(-1)[self.delta_indices]
         if self.identity_basis:
             return (gy.T @ x).reshape(-1)[self.delta_indices]

@@ -104,6 +104,7 @@ class SparseGradAdamW(torch.optim.AdamW):
             raise ValueError(f"non-finite gradient in SparseGrad layer of kind {layer.kind!r}")
         idx = topk_indices(rotated, layer.k)
         grad = rotated.reshape(-1)[idx]
+        idx = idx.to(layer.delta_indices.dtype)
         state = self.state[param]
         if not state:  # a layer may arrive with a support already (resumed, loaded): fresh moments for it
             zeros = torch.zeros(layer.delta_indices.numel(), dtype=torch.float32, device=param.device)
