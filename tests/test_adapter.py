@@ -100,3 +100,24 @@ def test_save_errors(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="not a directory"):
         sg.save_adapter(converted_bert(), tmp_path / "file")
+
+
+def test_adapter_without_bases_needs_the_same_bases(tmp_path):
+    model = make_tiny_bert()
+    cfg = sg.SparseGradConfig(density=0.05)
+    bases = sg.estimate_bases(model, cfg, bert_batches(3), progress=False)
+    sg.get_sparsegrad_model(model, cfg, bases)
+    train(model)
+    batch = bert_batches(1, seed=3)[0]
+    expected = model(**batch).logits.detach()
+    full = sg.save_adapter(model, tmp_path / "full")
+    slim = sg.save_adapter(model, tmp_path / "slim", save_bases=False)
+    size = lambda d: sum(f.stat().st_size for f in d.iterdir())
+    assert size(slim) < size(full)
+    with pytest.raises(ValueError, match="saved without its bases"):
+        sg.load_adapter(make_tiny_bert(), slim)
+    other = sg.estimate_bases(make_tiny_bert(), cfg, bert_batches(3, seed=8), progress=False)
+    with pytest.raises(ValueError, match="not the ones"):
+        sg.load_adapter(make_tiny_bert(), slim, bases=other)
+    loaded = sg.load_adapter(make_tiny_bert(), slim, bases=bases)
+    torch.testing.assert_close(loaded(**batch).logits, expected, rtol=0, atol=0)

@@ -47,8 +47,19 @@ def _extra_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) not in owned}
 
 
-def save_adapter(model: nn.Module, path: str | Path) -> Path:
-    """Write the adapter of a converted (and trained) model into directory ``path``; returns the directory."""
+def bases_fingerprint(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> str:
+    """sha256 over the kinds and fp32 bytes of a set of bases."""
+    return _weights_hash([(f"{kind}/{side}", t.float())
+                          for kind in sorted(factors) for side, t in zip(("u_out", "u_in"), factors[kind])])
+
+
+def save_adapter(model: nn.Module, path: str | Path, *, save_bases: bool = True) -> Path:
+    """Write the adapter of a converted (and trained) model into directory ``path``; returns the directory.
+
+    The bases (out² + in² floats per kind) can outweigh the deltas on small models. With ``save_bases=False`` the
+    adapter keeps only their fingerprint, and `load_adapter` needs the same bases passed in (e.g. a calibration
+    file shared by several adapters of one base), like PEFT's VeRA without ``save_projection``.
+    """
     config: SparseGradConfig | None = getattr(model, CONFIG_ATTR, None)
     layers = sparsegrad_layers(model)
     if config is None or not layers:
@@ -60,7 +71,7 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
     layer_info: dict[str, Any] = {}
     identity = all(layer.identity_basis for layer in layers.values())
     for name, layer in layers.items():
-        if not identity and f"bases/u_out/{layer.kind}" not in tensors:
+        if not identity and save_bases and f"bases/u_out/{layer.kind}" not in tensors:
             tensors[f"bases/u_out/{layer.kind}"] = layer.u_out.detach().float().cpu().contiguous()
             tensors[f"bases/u_in/{layer.kind}"] = layer.u_in.detach().float().cpu().contiguous()
         index_dtype = torch.int32 if layer.out_features * layer.in_features < 2**31 else torch.int64
@@ -78,6 +89,9 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
         "version": VERSION,
         "config": config.to_dict(),
         "identity_basis": identity,
+        "bases_saved": bool(save_bases and not identity),
+        "bases_sha256": None if identity else bases_fingerprint(
+            {l.kind: (l.u_out, l.u_in) for l in layers.values()}),
         "layers": layer_info,
         "trainable_params": {n: list(p.shape) for n, p in extra.items()},
         "base_fingerprint": {
@@ -116,9 +130,10 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     return meta, tensors
 
 
-def load_adapter(base_model: nn.Module, path: str | Path) -> nn.Module:
+def load_adapter(base_model: nn.Module, path: str | Path, *, bases: SparseGradBases | None = None) -> nn.Module:
     """Convert ``base_model`` in place and load the adapter at ``path`` into it; returns the model, whose outputs
-    equal those of the model that was saved. Refuses a base with other shapes or other target weights."""
+    equal those of the model that was saved. Refuses a base with other shapes or other target weights.
+    ``bases`` is needed only for an adapter saved with ``save_bases=False`` (it must be the same bases)."""
     meta, tensors = read_adapter(path)
     config = SparseGradConfig.from_dict(meta["config"])
     targets = dict(find_targets(base_model, config))
@@ -142,7 +157,15 @@ def load_adapter(base_model: nn.Module, path: str | Path) -> nn.Module:
         if list(params[name].shape) != shape:
             raise ValueError(f"parameter {name} is {list(params[name].shape)} in the base, {shape} in the adapter")
     layers = meta["layers"]
-    if meta["identity_basis"]:
+    if not meta["identity_basis"] and not meta.get("bases_saved", True):
+        if bases is None:
+            raise ValueError("this adapter was saved without its bases (save_bases=False): pass bases=... "
+                             "(the SparseGradBases it was trained with)")
+        kinds = {info["kind"] for info in layers.values()}
+        if bases_fingerprint({k: bases.get(k) for k in kinds}) != meta["bases_sha256"]:
+            raise ValueError("the bases passed to load_adapter are not the ones the adapter was trained with")
+        bases = SparseGradBases(factors={k: bases.get(k) for k in kinds})
+    elif meta["identity_basis"]:
         from .bases import identity_bases
 
         bases = identity_bases(base_model, config)
