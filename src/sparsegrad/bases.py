@@ -96,12 +96,18 @@ def _check_square(t: Tensor, what: str) -> None:
 def factors_from_gram(gram: Tensor) -> tuple[Tensor, Tensor]:
     """Eigenvectors of a symmetric PSD Gram matrix, columns sorted by descending eigenvalue, each column's sign
     fixed so that its largest-magnitude entry is positive. Returns (vectors, eigenvalues)."""
-    evals, evecs = torch.linalg.eigh(gram)
+    threads = torch.get_num_threads()
+    if gram.device.type == "cpu":
+        torch.set_num_threads(1)  # LAPACK's threaded eigh slows down 10-50x on a busy CPU; one thread is steady
+    try:
+        evals, evecs = torch.linalg.eigh(gram)
+    finally:
+        torch.set_num_threads(threads)
     evals, evecs = evals.flip(0), evecs.flip(1)
     pivot = evecs.abs().argmax(dim=0)
     signs = torch.sign(evecs[pivot, torch.arange(evecs.shape[1], device=evecs.device)])
     signs[signs == 0] = 1
-    return evecs * signs, evals
+    return (evecs * signs).contiguous(), evals.contiguous()
 
 
 def identity_bases(model: nn.Module, config: SparseGradConfig) -> SparseGradBases:
@@ -111,6 +117,51 @@ def identity_bases(model: nn.Module, config: SparseGradConfig) -> SparseGradBase
         out_f, in_f = module.weight.shape
         factors.setdefault(kind_of(name, config), (torch.eye(out_f), torch.eye(in_f)))
     return SparseGradBases(factors=factors, identity=True)
+
+
+def broadcast_bases(bases: SparseGradBases | None, src: int = 0, group: Any = None) -> SparseGradBases:
+    """Rank ``src``'s bases on every rank of an initialised ``torch.distributed`` process group (call it on every
+    rank; other ranks may pass None). Factors, fixed supports, the identity flag and the report are copied, so every
+    rank converts its model with bit-identical bases and supports. Without an initialised process group the bases
+    are returned as they are."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if not isinstance(bases, SparseGradBases):
+            raise ValueError("broadcast_bases needs SparseGradBases when torch.distributed is not initialised")
+        return bases
+    is_src = dist.get_rank() == src  # src is a global rank, as in torch.distributed.broadcast
+    meta: dict[str, Any] | None = None
+    if is_src:
+        if isinstance(bases, SparseGradBases):
+            meta = {"identity": bool(bases.identity), "report": bases.report,
+                    "factors": [(k, tuple(a.shape), tuple(b.shape)) for k, (a, b) in bases.factors.items()],
+                    "supports": [(n, int(t.numel())) for n, t in bases.fixed_supports.items()]}
+        else:
+            meta = {"error": f"rank {src} has no SparseGradBases to broadcast (got {type(bases).__name__})"}
+    box = [meta]
+    dist.broadcast_object_list(box, src=src, group=group)
+    meta = box[0]
+    if "error" in meta:  # raised on every rank, not only the source: no rank is left waiting
+        raise ValueError(meta["error"])
+    device = _comm_device(group)
+
+    def send(tensor: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        buf = (tensor.detach().to(device=device, dtype=dtype).contiguous() if is_src
+               else torch.empty(shape, dtype=dtype, device=device))
+        dist.broadcast(buf, src=src, group=group)
+        return buf.cpu()
+
+    factors: dict[str, tuple[Tensor, Tensor]] = {}
+    for kind, out_shape, in_shape in meta["factors"]:
+        a, b = bases.factors[kind] if is_src else (None, None)
+        factors[kind] = (send(a, out_shape, torch.float32), send(b, in_shape, torch.float32))
+    supports = {}
+    for name, numel in meta["supports"]:
+        supports[name] = send(bases.fixed_supports[name] if is_src else None, (numel,), torch.int64)
+    if is_src:
+        return bases
+    return SparseGradBases(factors=factors, identity=meta["identity"], fixed_supports=supports, report=meta["report"])
 
 
 def _default_loss(model: nn.Module, batch: Any) -> Tensor:
@@ -127,12 +178,37 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def _distributed_world() -> int:
+    """The world size of the initialised default process group (1 when torch.distributed is not in use)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _comm_device(group: Any = None) -> torch.device:
+    """Where collective tensors must live: the current CUDA device under NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class _GradCapture:
     """Makes only the target weights require grad and hands each gradient to a callback as soon as it has been
-    accumulated (then frees it). Restores every requires_grad flag and .grad on exit."""
+    accumulated (then frees it). Restores every requires_grad flag and .grad on exit.
 
-    def __init__(self, model: nn.Module, targets: list[tuple[str, nn.Module]]):
+    With ``accumulate`` the gradients are summed over backward passes instead and handed over by `flush` (one
+    calibration step of several micro-batches); with ``sync`` `flush` also averages them over the ranks of the
+    default process group first, so every rank sees the gradient of the global batch."""
+
+    def __init__(self, model: nn.Module, targets: list[tuple[str, nn.Module]], *, accumulate: bool = False,
+                 sync: bool = False):
         self.model, self.targets = model, targets
+        self.accumulate, self.sync = accumulate or sync, sync
+        self.pending: dict[str, Tensor] = {}
 
     def __enter__(self) -> "_GradCapture":
         self.saved = [(p, p.requires_grad, p.grad) for p in self.model.parameters()]
@@ -150,9 +226,39 @@ class _GradCapture:
     def _hook(self, name: str):
         def hook(param: Tensor) -> None:
             grad, param.grad = param.grad, None
-            if self.callback is not None:
+            if self.accumulate:
+                prev = self.pending.get(name)
+                self.pending[name] = grad if prev is None else prev.add_(grad)
+            elif self.callback is not None:
                 self.callback(name, grad)
         return hook
+
+    def flush(self, bad_loss: bool = False) -> bool:
+        """Hand the accumulated gradient of every target to the callback, in model order (the same order on every
+        rank), averaged over the ranks when syncing. Returns whether a loss of the step was not finite on any
+        rank (all ranks agree)."""
+        if self.sync:
+            import torch.distributed as dist
+
+            world = dist.get_world_size()
+            device = _comm_device()
+            flag = torch.tensor([float(bad_loss)], dtype=torch.float64, device=device)
+            dist.all_reduce(flag)
+            bad_loss = bool(flag.item() > 0)
+        if bad_loss:  # every rank agrees: drop the step's gradients, the caller raises
+            self.pending.clear()
+            return True
+        for name, module in self.targets:
+            grad = self.pending.pop(name, None)
+            if grad is None:  # no gradient reached this target on this rank: it still takes part in the reduction
+                grad = torch.zeros_like(module.weight)
+            if self.sync:
+                on_device = grad.to(device)
+                dist.all_reduce(on_device)
+                grad = on_device.to(grad.device).div_(world)
+            if self.callback is not None:
+                self.callback(name, grad)
+        return False
 
     def __exit__(self, *exc: Any) -> None:
         for handle in self.handles:
@@ -170,18 +276,31 @@ def estimate_bases(
     steps: int | None = None,
     *,
     progress: bool = True,
+    grad_accum: int = 1,
+    all_reduce_grads: bool = False,
 ) -> SparseGradBases:
     """Calibrate the HOSVD bases of every kind of target module.
 
     ``batches``: dicts fed as ``model(**batch)`` (loss = ``.loss``) unless ``loss_fn(model, batch)`` is given.
-    ``steps``: how many batches to use (default: all of them). No optimizer step is taken; the model's parameters,
-    ``requires_grad`` flags and ``.grad`` are exactly as before on return. With ``config.score_steps`` > 0 the
-    first batches are run once more to measure, on the calibration gradients, the share of gradient energy the
-    top-k entries hold in the rotated vs the original basis (``bases.report``), and, for ``support="fixed"``,
-    to choose each module's support from its accumulated rotated-gradient energy.
+    ``steps``: how many calibration steps to use (default: all the batches). No optimizer step is taken; the
+    model's parameters, ``requires_grad`` flags and ``.grad`` are exactly as before on return. With
+    ``config.score_steps`` > 0 the first steps are run once more to measure, on the calibration gradients, the share
+    of gradient energy the top-k entries hold in the rotated vs the original basis (``bases.report``), and, for
+    ``support="fixed"``, to choose each module's support from its accumulated rotated-gradient energy.
+
+    Gradient accumulation and data parallelism, as in training: with ``grad_accum`` = N every N consecutive batches
+    (micro-batches) form one calibration step whose gradients are summed before they enter the Gram matrices (scale
+    each micro-batch's loss in ``loss_fn`` so that the sum is the gradient of the whole step). With
+    ``all_reduce_grads=True``, called on every rank of an initialised ``torch.distributed`` process group on that
+    rank's shard of each step, each step's gradient is averaged over the ranks (as DDP does) before it is used, so
+    every rank computes the bases of the global batches; follow with `broadcast_bases` to make them bit-identical
+    whatever the hardware. Every rank must then pass the same number of batches.
     """
     if steps is not None and (not isinstance(steps, int) or steps <= 0):
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
+        raise ValueError(f"grad_accum must be a positive integer, got {grad_accum!r}")
+    sync = bool(all_reduce_grads) and _distributed_world() > 1
     loss_fn = loss_fn or _default_loss
     targets = find_targets(model, config)
     kinds = {name: kind_of(name, config) for name, _ in targets}
@@ -210,10 +329,13 @@ def estimate_bases(
         energy[kind] += float(g.square().sum())
 
     want_scores = config.score_steps is None or config.score_steps > 0
+    grouped = grad_accum > 1 or sync
     kept: list[Any] = []
     start = time.perf_counter()
     used = 0
-    with _GradCapture(model, targets) as capture:
+    in_step = 0
+    bad_loss = None
+    with _GradCapture(model, targets, accumulate=grouped, sync=sync) as capture:
         capture.callback = accumulate
         bar = tqdm(total=steps, desc="calibrating SparseGrad bases", unit="step", disable=not progress)
         for batch in batches:
@@ -222,13 +344,26 @@ def estimate_bases(
             batch = _to_device(batch, device)
             loss = loss_fn(model, batch)
             if not bool(torch.isfinite(loss.detach()).all()):
-                raise ValueError(f"calibration loss is not finite at step {used}: {float(loss.detach()):.4g}")
+                message = f"calibration loss is not finite at step {used}: {float(loss.detach()):.4g}"
+                if not sync:
+                    raise ValueError(message)
+                bad_loss = bad_loss or message  # raised on every rank at the end of the step
             loss.backward()
-            if want_scores and (config.score_steps is None or len(kept) < config.score_steps):
+            if want_scores and (config.score_steps is None or len(kept) < config.score_steps * grad_accum):
                 kept.append(batch)
-            used += 1
-            bar.update(1)
+            in_step += 1
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+            if grouped and in_step < grad_accum:
+                continue
+            if grouped and capture.flush(bad_loss is not None):
+                raise ValueError(bad_loss or f"calibration loss is not finite on another rank at step {used}")
+            used += 1
+            in_step = 0
+            bar.update(1)
+        if grouped and in_step:  # a last, shorter step
+            if capture.flush(bad_loss is not None):
+                raise ValueError(bad_loss or f"calibration loss is not finite on another rank at step {used}")
+            used += 1
         bar.close()
         if used == 0:
             raise ValueError("calibration got no batches: pass a non-empty iterable of batches")
@@ -249,15 +384,16 @@ def estimate_bases(
         bases.report = {kind: {"modules": sum(1 for n in kinds if kinds[n] == kind), "steps": used}
                         for kind in factors}
         if kept:
-            _score(model, config, kept, loss_fn, capture, kinds, budgets, factors, bases)
+            _score(model, config, kept, loss_fn, capture, kinds, budgets, factors, bases, grad_accum if grouped else 1)
     elapsed = time.perf_counter() - start
     for entry in bases.report.values():
         entry["calibration_time_s"] = round(elapsed, 3)
     return bases
 
 
-def _score(model, config, kept, loss_fn, capture, kinds, budgets, factors, bases) -> None:
-    """Second pass over the kept batches: top-k energy shares (report) and accumulated rotated energy (support)."""
+def _score(model, config, kept, loss_fn, capture, kinds, budgets, factors, bases, grad_accum: int = 1) -> None:
+    """Second pass over the kept batches: top-k energy shares (report) and accumulated rotated energy (support).
+    With ``grad_accum`` > 1 (or a synced capture) every ``grad_accum`` batches are one step, as in calibration."""
     shares: dict[str, list[tuple[float, float]]] = {name: [] for name in kinds}
     scores: dict[str, Tensor] = {}
 
@@ -271,13 +407,15 @@ def _score(model, config, kept, loss_fn, capture, kinds, budgets, factors, bases
             scores[name] = sq if name not in scores else scores[name].add_(sq)
 
     capture.callback = score
-    for batch in kept:
+    for i, batch in enumerate(kept):
         loss_fn(model, batch).backward()
+        if capture.accumulate and ((i + 1) % grad_accum == 0 or i == len(kept) - 1):
+            capture.flush()
     for kind, entry in bases.report.items():
         names = [n for n in kinds if kinds[n] == kind]
         pairs = [p for n in names for p in shares[n]]
         entry["k"] = round(sum(budgets[n] for n in names) / len(names))
-        entry["score_steps"] = len(kept)
+        entry["score_steps"] = -(-len(kept) // grad_accum)
         entry["energy_topk_rotated"] = round(sum(p[0] for p in pairs) / len(pairs), 4)
         entry["energy_topk_original"] = round(sum(p[1] for p in pairs) / len(pairs), 4)
         entry["per_module"] = {

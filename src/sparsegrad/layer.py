@@ -15,7 +15,9 @@ Two support modes:
   is); `SparseGradAdamW` rotates it, keeps exactly the top-k entries and updates them with a lazy sparse Adam. The
   delta holds every entry ever updated, so its length is the count the paper does not report.
 * ``fixed``: the support is chosen once and ``delta_values`` (k long) is an ordinary Parameter whose gradient the
-  backward computes directly at the support, so any optimizer keeps k-sized state.
+  backward computes directly at the support, so any optimizer keeps k-sized state. A support still pending at the
+  first step is chosen there, from the rotated gradient averaged over the ranks when torch.distributed is
+  initialised (every rank of a DDP run picks the same support).
 
 The bias stays in the original output space, and its gradient is Σ ∂L/∂Y over batch and tokens.
 """
@@ -54,6 +56,21 @@ def topk_energy_share(scores: Tensor, k: int) -> float:
     if total == 0:
         return 0.0
     return float(torch.topk(sq, min(k, sq.numel())).values.sum() / total)
+
+
+def _mean_over_ranks(t: Tensor) -> Tensor:
+    """``t`` averaged over the ranks of the default process group when torch.distributed is initialised with more
+    than one rank (as DDP averages gradients), else ``t`` itself. A fixed support still pending at the first step is
+    chosen from this all-reduced rotated gradient, so every rank picks the same support (the all-reduce runs inside
+    the backward, in the same order on every rank, like SyncBatchNorm's)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return t
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    buf = t.to(device).contiguous()
+    dist.all_reduce(buf)
+    return buf.to(t.device).div_(dist.get_world_size())
 
 
 def _support_blocks(indices: Tensor, in_features: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -162,8 +179,10 @@ class SparseGradLinear(nn.Module):
         self.register_buffer("base_weight", linear.weight.detach().clone())
         self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=(support == "dynamic"))
         self.bias = linear.bias
-        self.register_buffer("u_out", u_out)
-        self.register_buffer("u_in", u_in)
+        # Not in the state_dict: one tensor is shared by every block of a kind (safetensors and save_pretrained
+        # refuse shared tensors), and the bases never change after conversion; adapters save them once per kind.
+        self.register_buffer("u_out", u_out, persistent=False)
+        self.register_buffer("u_in", u_in, persistent=False)
         self.index_dtype = index_dtype(out_features * in_features)
         if support == "fixed":
             indices = torch.empty(0, dtype=self.index_dtype, device=device)
@@ -251,7 +270,7 @@ class SparseGradLinear(nn.Module):
             x, gy = x[live], gy[live]
         x, gy = x.float(), gy.float()
         if self.support_pending:  # first step chooses the support from the whole rotated gradient
-            rotated = self.rotate(gy.T @ x)
+            rotated = _mean_over_ranks(self.rotate(gy.T @ x))
             self.delta_indices = topk_indices(rotated, self.k).to(self.index_dtype)
             return rotated.reshape(-1)[self.delta_indices]
         if self.identity_basis:

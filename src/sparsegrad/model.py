@@ -51,7 +51,8 @@ def get_sparsegrad_model(model: nn.Module, config: SparseGradConfig, bases: Spar
         device = linear.weight.device
         if (kind, device) not in on_device:  # one copy per kind: blocks share their bases
             u_out, u_in = bases.get(kind)
-            on_device[(kind, device)] = (u_out.to(device, torch.float32), u_in.to(device, torch.float32))
+            on_device[(kind, device)] = (u_out.to(device, torch.float32).contiguous(),
+                                         u_in.to(device, torch.float32).contiguous())
         u_out, u_in = on_device[(kind, device)]
         fixed = bases.fixed_supports.get(name) if config.support == "fixed" else None
         if fixed is not None and fixed.numel() != k:
