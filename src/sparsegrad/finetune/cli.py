@@ -1,0 +1,563 @@
+"""sparsegrad: fine-tune the MLP blocks of a Transformer classifier with SparseGrad, LoRA, MeProp or full training.
+
+Everything runs offline on bundled data and models (MiniLM-L6 on BBC news or tweet sentiment), or on your own
+CSV/TSV/JSONL files and local model folders.
+
+commands:
+  finetune    one fine-tune; writes metrics.json, loss.csv and the adapter into --output-dir
+  calibrate   compute the SparseGrad bases, save bases.safetensors, print the energy report
+  merge       adapter + base model -> a plain transformers model folder (from_pretrained loads it alone)
+  compare     methods x seeds on identical data, budget and steps (one subprocess per run);
+              writes results.md and comparison.png
+  generate    greedy answers of a causal LM (base or base + adapter) to a prompt or held-out task examples
+
+examples:
+  sparsegrad finetune                                   # SparseGrad, 1% per MLP matrix, MiniLM on BBC (~2-3 min on 2 CPU cores)
+  sparsegrad finetune --method lora --task tweets
+  sparsegrad finetune --train-file train.csv --eval-file dev.csv --text-column sentence --label-column label
+  sparsegrad merge --adapter runs/sparsegrad-bbc-s0/adapter --output merged-bbc
+  sparsegrad compare --methods full,lora,meprop,sparsegrad --seeds 0,1,2
+  sparsegrad finetune --model smollm2 --task bbc-instruct --every-nth-block 3 --max-steps 30 --batch-size 4
+  sparsegrad generate --model smollm2 --adapter runs/sparsegrad-bbc-instruct-s0/adapter --task bbc-instruct
+
+Run `sparsegrad COMMAND --help` for the flags of a command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+PROG = "sparsegrad"
+METHOD_CHOICES = ("sparsegrad", "lora", "meprop", "full")
+TASK_CHOICES = ("bbc", "tweets", "bbc-instruct", "shakespeare")
+DECODER_TASKS = ("bbc-instruct", "shakespeare")
+DEFAULT_MAX_TRAIN = 512
+DEFAULT_MAX_EVAL = 400
+DEFAULT_MAX_EVAL_LM = 100
+
+
+class CLIError(Exception):
+    """A bad input found by the CLI itself: printed as `sparsegrad: error: ...`, exit status 2."""
+
+
+# ------------------------------------------------------------------------------------------------- arguments
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _count_or_all(text: str) -> int:
+    """A positive count, or 0 meaning 'all'."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer (0 = all), got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer (0 = all), got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), got {text!r}")
+    return value
+
+
+def _density(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"density must be in (0, 1], got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data and model")
+    g.add_argument("--model", default=None,
+                   help="bundled model name (minilm; smollm2, a causal LM) or a local model folder (default: the "
+                        "bundled MiniLM-L6)")
+    g.add_argument("--task", choices=TASK_CHOICES, default=None,
+                   help="bundled task: bbc (BBC news, 5 topics) or tweets (sentiment, 2 classes) for classifiers; "
+                        "bbc-instruct (topic word as a chat answer) or shakespeare (language modelling) for causal "
+                        "LMs; default bbc, or bbc-instruct with a causal LM")
+    g.add_argument("--train-file", default=None, help="your own training data (.csv, .tsv, .jsonl) instead of --task")
+    g.add_argument("--eval-file", default=None,
+                   help="held-out data; without it a stratified 20%% of --train-file is held out")
+    g.add_argument("--text-column", default="text", help="text column of the files (default: text)")
+    g.add_argument("--label-column", default="label", help="label column of the files (default: label)")
+    g.add_argument("--prompt-column", default=None,
+                   help="causal LMs: prompt column of a prompt/response --train-file (default: prompt)")
+    g.add_argument("--response-column", default=None,
+                   help="causal LMs: response column of a prompt/response --train-file (default: response)")
+    g.add_argument("--max-train", type=_count_or_all, default=None,
+                   help=f"use a stratified subset of this many training examples; 0 = all (default: "
+                        f"{DEFAULT_MAX_TRAIN} for bundled tasks, all rows of a --train-file)")
+    g.add_argument("--max-eval", type=_count_or_all, default=None,
+                   help=f"evaluate on at most this many held-out examples; 0 = all (default: {DEFAULT_MAX_EVAL} "
+                        f"for bundled classifier tasks, {DEFAULT_MAX_EVAL_LM} for bundled decoder tasks, all for "
+                        "files)")
+    g.add_argument("--max-length", type=_positive_int, default=128, help="tokens per example (default 128)")
+    g.add_argument("--seed", type=_seed, default=0, help="seed of the split, the head, the shuffle, dropout (default 0)")
+
+
+def _add_budget_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("budget")
+    g.add_argument("--density", type=_density, default=None,
+                   help="entries of each MLP matrix that train per step, as a share in (0, 1] (default 0.01); "
+                        "LoRA gets the rank with r*(in+out) closest to it")
+    g.add_argument("--k", type=_positive_int, default=None, help="entries per MLP matrix per step (instead of --density)")
+    g.add_argument("--calibration-steps", type=_positive_int, default=4,
+                   help="training batches used to estimate the SparseGrad bases (default 4)")
+    g.add_argument("--every-nth-block", type=_positive_int, default=None,
+                   help="adapt the MLPs of blocks 0, n, 2n, ... only (default: every block; the paper's LLaMA "
+                        "runs use 3)")
+
+
+def _add_train_args(p: argparse.ArgumentParser, *, compare: bool) -> None:
+    g = p.add_argument_group("training")
+    if not compare:
+        g.add_argument("--support", choices=("dynamic", "fixed"), default="dynamic",
+                       help="sparse methods: re-choose the top-k entries every step (dynamic, the paper) or once "
+                            "(fixed: exactly k entries ever change)")
+    g.add_argument("--train-scope", choices=("mlp", "all"), default="mlp",
+                   help="mlp: only the MLP method, the MLP biases and the head train (default); all: every other "
+                        "parameter trains densely too (the paper's protocol)")
+    g.add_argument("--epochs", type=_positive_int, default=1, help="passes over the training data (default 1)")
+    g.add_argument("--max-steps", type=_positive_int, default=None,
+                   help="total optimizer steps; overrides --epochs (runs as many epochs as needed)")
+    g.add_argument("--batch-size", type=_positive_int, default=16,
+                   help="examples per step (default 16); per process and micro-batch with torchrun or --grad-accum")
+    if compare:
+        g.add_argument("--lr", default=None,
+                       help="learning rate for every method (e.g. 1e-3) or per method "
+                            "(e.g. full=1e-4,sparsegrad=1e-3); methods not named use their default")
+    else:
+        g.add_argument("--lr", type=_positive_float, default=None,
+                       help="learning rate (default per method, tuned for the default run; scope mlp: sparsegrad/meprop "
+                            "3e-3, lora 1e-2, full 1e-3; scope all: 1e-4, full 5e-5; causal LMs: sparsegrad/meprop/"
+                            "lora 1e-3, full 1e-4; scope all: 1e-4, full 2e-5)")
+    g.add_argument("--weight-decay", type=_non_negative_float, default=0.0, help="decoupled weight decay (default 0)")
+    g.add_argument("--warmup-ratio", type=_ratio, default=0.0,
+                   help="share of the steps with a linear LR warmup, then linear decay to 0 (default 0)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="causal LMs: weight dtype (SparseGrad bases and deltas stay fp32; default float32)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from sparsegrad import __version__
+
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    ft = sub.add_parser("finetune", help="one fine-tune (writes metrics.json, loss.csv, adapter/)",
+                        description="Fine-tune a sequence classifier with one method and evaluate it. With no flags: "
+                                    "SparseGrad (1% of each MLP matrix per step) on MiniLM-L6, 512 BBC articles, "
+                                    "1 epoch, evaluated on 400 held-out articles.")
+    ft.add_argument("--method", choices=METHOD_CHOICES, default="sparsegrad",
+                    help="sparsegrad (default), lora, meprop (SparseGrad without the rotation), full (dense MLP)")
+    _add_data_args(ft)
+    _add_budget_args(ft)
+    _add_train_args(ft, compare=False)
+    ft.add_argument("--lora-rank", type=_positive_int, default=None,
+                    help="LoRA rank (default: matched to the budget, r*(in+out) ~= k)")
+    ft.add_argument("--output-dir", default=None, help="where files go (default runs/<method>-<task>-s<seed>)")
+    rel = ft.add_argument_group(
+        "scale-out and reliability",
+        "Several processes: `torchrun --nproc_per_node N -m sparsegrad finetune ...` (gloo on CPU, NCCL with one GPU "
+        "per process); each optimizer step is a global batch of --batch-size x N x --grad-accum examples. "
+        "Ctrl-C or SIGTERM saves a checkpoint and stops (exit status 130 / 143); see docs/reliability.md.")
+    rel.add_argument("--grad-accum", type=_positive_int, default=1, metavar="N",
+                     help="micro-batches per optimizer step: gradients of N batches of --batch-size are summed before "
+                          "the step (SparseGrad's top-k is taken after), as one batch N times larger (default 1)")
+    rel.add_argument("--save-every", type=_positive_int, default=None, metavar="STEPS",
+                     help="write a checkpoint into OUTPUT_DIR/checkpoints/step-N every STEPS steps (the last 2 are "
+                          "kept; default: only when stopped by Ctrl-C or SIGTERM)")
+    rel.add_argument("--resume", default=None, metavar="OUTPUT_DIR",
+                     help="continue the interrupted run in OUTPUT_DIR from its latest checkpoint, with its settings "
+                          "(the loss sequence equals an uninterrupted run's)")
+    rel.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop",
+                     help="a NaN/inf loss or gradient: stop with an error (default) or skip the step with a warning; "
+                          "no adapter with non-finite values is ever written")
+    rel.add_argument("--stop-after", type=_positive_int, default=None, help=argparse.SUPPRESS)  # tests: interrupt
+    ft.set_defaults(func=cmd_finetune)
+
+    cal = sub.add_parser("calibrate", help="compute and save the SparseGrad bases, print the energy report",
+                         description="Estimate the HOSVD bases of the MLP weight gradients on a few training "
+                                     "batches, save them (bases.safetensors) and report the share of gradient energy "
+                                     "the top-k entries hold in the rotated vs the original basis.")
+    _add_data_args(cal)
+    _add_budget_args(cal)
+    cal.add_argument("--support", choices=("dynamic", "fixed"), default="dynamic",
+                     help="fixed also stores a support per matrix, chosen from the calibration gradients")
+    cal.add_argument("--basis-sharing", choices=("kind", "layer"), default="kind",
+                     help="one basis pair per kind of matrix shared by all blocks (kind, the paper) or per matrix")
+    cal.add_argument("--batch-size", type=_positive_int, default=16, help="examples per batch (default 16)")
+    cal.add_argument("--score-steps", type=int, default=2,
+                     help="batches re-run to score the energy shares (default 2; 0 skips the report)")
+    cal.add_argument("--output-dir", default=None, help="where bases.safetensors goes (default runs/calibrate-<task>-s<seed>)")
+    cal.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cal.set_defaults(func=cmd_calibrate)
+
+    mg = sub.add_parser("merge", help="adapter + base -> plain transformers model folder",
+                        description="Rebuild the fine-tuned classifier from an adapter folder written by "
+                                    "`sparsegrad finetune` and save it as a plain transformers model (weights, config "
+                                    "with the label names, tokenizer), loadable with from_pretrained alone.")
+    mg.add_argument("--adapter", required=True, help="the adapter folder (e.g. runs/sparsegrad-bbc-s0/adapter)")
+    mg.add_argument("--output", required=True, help="the folder to write the merged model into")
+    mg.add_argument("--model", default=None, help="base model (default: the one recorded in the adapter's task.json)")
+    mg.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    mg.set_defaults(func=cmd_merge)
+
+    cp = sub.add_parser("compare", help="methods x seeds, one subprocess each; results.md + comparison.png",
+                        description="Run every method with every seed on identical data, budget and steps, each in "
+                                    "its own process (so peak RSS is honest), skipping runs that already have "
+                                    "metrics.json; then write results.md and comparison.png.")
+    cp.add_argument("--methods", default="full,lora,meprop,sparsegrad,sparsegrad-fixed",
+                    help="comma list of full, lora, meprop, sparsegrad, sparsegrad-fixed, meprop-fixed "
+                         "(default: full,lora,meprop,sparsegrad,sparsegrad-fixed)")
+    cp.add_argument("--seeds", default="0,1,2", help="comma list of seeds (default 0,1,2)")
+    _add_data_args(cp)
+    _add_budget_args(cp)
+    _add_train_args(cp, compare=True)
+    cp.add_argument("--output-dir", default=None, help="where runs and reports go (default runs/compare-<task>)")
+    cp.add_argument("--overwrite", action="store_true", help="rerun runs that already have metrics.json")
+    cp.set_defaults(func=cmd_compare)
+
+    gen = sub.add_parser("generate", help="greedy answers of a causal LM, base or base + adapter",
+                         description="Greedy decoding with the chat template: answer --prompt, or --num-examples "
+                                     "held-out examples of --task (with the reference answers, the exact match and "
+                                     "the held-out loss on them). With --adapter the fine-tuned model (merged).")
+    gen.add_argument("--model", default=None,
+                     help="causal LM: smollm2 or a local folder (default: the adapter's base, else smollm2)")
+    gen.add_argument("--adapter", default=None, help="an adapter folder written by `sparsegrad finetune`")
+    what = gen.add_mutually_exclusive_group()
+    what.add_argument("--prompt", default=None, help="one user message to answer")
+    what.add_argument("--task", choices=DECODER_TASKS, default=None,
+                      help="answer held-out examples of a decoder task (default: the adapter's task)")
+    gen.add_argument("--num-examples", type=_positive_int, default=2, help="held-out examples with --task (default 2)")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                     help="tokens to generate (default: 32 for --prompt and shakespeare, the longest reference "
+                          "answer + 2 for bbc-instruct)")
+    gen.add_argument("--max-length", type=_positive_int, default=None,
+                     help="prompt truncation of --task examples (default: the adapter's, else 256)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the task's split (default 0)")
+    gen.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                     help="weight dtype without --adapter (default float32)")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def _check_data_args(args: argparse.Namespace) -> None:
+    if args.task is not None and args.train_file is not None:
+        raise CLIError("give --task or --train-file, not both")
+    if args.eval_file is not None and args.train_file is None:
+        raise CLIError("--eval-file needs --train-file")
+    for flag in ("train_file", "eval_file"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).is_file():
+            raise CLIError(f"--{flag.replace('_', '-')} {path}: no such file")
+    if args.model is not None and args.model not in ("minilm", "smollm2") and not Path(args.model).is_dir():
+        raise CLIError(f"--model {args.model}: neither a bundled model (minilm) nor an existing folder")
+    if args.train_file is None and args.task is None:
+        from .lm import is_causal_lm
+
+        args.task = "bbc-instruct" if is_causal_lm(args.model) else "bbc"
+    bundled = args.train_file is None
+    if args.max_train is None:
+        args.max_train = DEFAULT_MAX_TRAIN if bundled else 0
+    if args.max_eval is None:
+        args.max_eval = (DEFAULT_MAX_EVAL_LM if args.task in DECODER_TASKS else DEFAULT_MAX_EVAL) if bundled else 0
+
+
+def _check_budget_args(args: argparse.Namespace) -> None:
+    if args.k is not None and args.density is not None:
+        raise CLIError("give --k or --density, not both")
+    if args.k is None and args.density is None:
+        args.density = 0.01
+
+
+def _finetune_config(args: argparse.Namespace, command: str | None = None):
+    from .train import FinetuneConfig
+
+    return FinetuneConfig(
+        method=args.method, task=args.task, train_file=args.train_file, eval_file=args.eval_file,
+        text_column=args.text_column, label_column=args.label_column, model=args.model,
+        density=args.density if args.k is None else None, k=args.k, support=args.support,
+        train_scope=args.train_scope, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+        lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, seed=args.seed,
+        max_length=args.max_length, calibration_steps=args.calibration_steps,
+        max_train=args.max_train or None, max_eval=args.max_eval or None, lora_rank=args.lora_rank,
+        every_nth_block=args.every_nth_block, prompt_column=args.prompt_column,
+        response_column=args.response_column, dtype=args.dtype,
+        output_dir=args.output_dir, progress=not args.no_progress, command=command,
+        grad_accum=args.grad_accum, save_every=args.save_every, resume=args.resume,
+        on_nonfinite=args.on_nonfinite, stop_after=args.stop_after,
+    )
+
+
+# Flags of `finetune` whose value is not a FinetuneConfig field of the same name.
+_FLAG_FIELDS = {"no_progress": ("progress",), "k": ("k", "density"), "density": ("k", "density")}
+
+
+def _explicit_fields(command: str) -> set[str]:
+    """FinetuneConfig fields set by a flag written on the command line (not left at its default)."""
+    sub = build_parser()._subparsers._group_actions[0].choices["finetune"]
+    options = {opt: action.dest for action in sub._actions for opt in action.option_strings}
+    fields: set[str] = set()
+    for token in shlex.split(command)[2:]:
+        if not token.startswith("--"):
+            continue
+        name = token.split("=", 1)[0]
+        if name not in options:  # argparse also takes unique prefixes
+            matches = [o for o in options if o.startswith(name)]
+            name = matches[0] if len(matches) == 1 else name
+        if name in options:
+            dest = options[name]
+            fields.update(_FLAG_FIELDS.get(dest, (dest,)))
+    return fields
+
+
+def _resume_finetune_config(args: argparse.Namespace, command: str):
+    """--resume: the interrupted run's settings, with the flags written on this command line on top (finetune then
+    refuses any that differ from the run's, except --save-every, --on-nonfinite, --no-progress)."""
+    import dataclasses
+
+    from .train import resume_config
+
+    saved = resume_config(args.resume)
+    given = _finetune_config(args, command)
+    explicit = _explicit_fields(command) - {"resume", "progress", "command"}
+    return dataclasses.replace(saved, **{f: getattr(given, f) for f in explicit if hasattr(given, f)},
+                               progress=not args.no_progress, command=command, resume=args.resume)
+
+
+def _fmt_bytes(n: float | None) -> str:
+    from .metrics import human_bytes
+
+    return human_bytes(n)
+
+
+# ------------------------------------------------------------------------------------------------- commands
+def cmd_finetune(args: argparse.Namespace, command: str) -> int:
+    _check_data_args(args)
+    _check_budget_args(args)
+    if args.lora_rank is not None and args.method != "lora":
+        raise CLIError("--lora-rank applies to --method lora only")
+    from .distributed import env_world_size
+    from .train import finetune
+
+    cfg = _resume_finetune_config(args, command) if args.resume is not None else _finetune_config(args, command)
+    cfg.validate()
+    m = finetune(cfg)
+    if env_world_size() > 1 and os.environ.get("RANK", "0") != "0":
+        return 0  # rank 0 prints the summary
+    out = m["output_dir"]
+    print()
+    if m.get("model_kind") == "causal-lm":
+        from .lm import summary_lines
+
+        print("\n".join(summary_lines(m)))
+        return 0
+    print(f"{m['method']} on {m['task']} (seed {m['seed']}, {m['train_steps']} steps of {m['batch_size']}, "
+          f"lr {m['lr']:g}, scope {m['train_scope']}):")
+    print(f"  eval accuracy {m['eval_accuracy']:.4f}, macro-F1 {m['eval_macro_f1']:.4f}, loss {m['eval_loss']:.4f} "
+          f"on {m['num_eval']} held-out examples (majority class: {m['majority_baseline_accuracy']:.4f})")
+    calib = f", calibration {m['calibration_time_s']:.1f} s" if m["calibration_time_s"] else ""
+    print(f"  median step {m['step_time_median_s']:.3f} s, training {m['train_time_s']:.1f} s{calib}, "
+          f"peak RSS {m['peak_rss_mb']:.0f} MB, training state {_fmt_bytes(m['train_state_bytes'].get('total'))}")
+    print(f"  entries per step {m['trainable_entries']:,d}, MLP entries ever updated {m['entries_updated']:,d} "
+          f"of {m['mlp_entries']:,d}, adapter {_fmt_bytes(m['adapter_bytes'])}")
+    print(f"  files: {out}/metrics.json, {out}/loss.csv, {out}/adapter/")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace, command: str) -> int:
+    _check_data_args(args)
+    _check_budget_args(args)
+    if args.score_steps < 0:
+        raise CLIError(f"--score-steps must be >= 0, got {args.score_steps}")
+    if args.task in DECODER_TASKS:
+        raise CLIError("calibrate takes classifier tasks; a decoder `finetune --method sparsegrad` writes its bases "
+                       "report into metrics.json")
+    from .train import calibrate
+
+    out_dir = Path(args.output_dir) if args.output_dir else Path("runs") / (
+        f"calibrate-{args.task or Path(args.train_file).stem}-s{args.seed}")
+    report, path, seconds = calibrate(
+        model=args.model, task=args.task, train_file=args.train_file, eval_file=args.eval_file,
+        text_column=args.text_column, label_column=args.label_column, max_train=args.max_train or None,
+        max_length=args.max_length, batch_size=args.batch_size, seed=args.seed,
+        density=args.density if args.k is None else None, k=args.k, support=args.support,
+        basis_sharing=args.basis_sharing, calibration_steps=args.calibration_steps, score_steps=args.score_steps,
+        output_dir=out_dir, progress=not args.no_progress,
+    )
+    print(f"\nbases of {len(report)} kinds from {args.calibration_steps} steps in {seconds:.1f} s -> {path}")
+    if args.score_steps == 0:
+        return 0
+    print(f"share of the gradient energy in the top-k entries (k per matrix), on {args.score_steps} batches:")
+    print(f"  {'kind':<48} {'modules':>7} {'k':>8} {'rotated':>8} {'original':>8}")
+    for kind, entry in report.items():
+        print(f"  {kind:<48} {entry['modules']:>7} {entry.get('k', 0):>8} "
+              f"{entry.get('energy_topk_rotated', float('nan')):>8.4f} "
+              f"{entry.get('energy_topk_original', float('nan')):>8.4f}")
+    print(f"report: {out_dir / 'report.json'}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace, command: str) -> int:
+    adapter = Path(args.adapter)
+    output = Path(args.output)
+    if not adapter.is_dir():
+        raise CLIError(f"--adapter {adapter}: no such folder")
+    if output.resolve() == adapter.resolve():
+        raise CLIError("--output must differ from --adapter")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
+        raise CLIError(f"--output {output} exists and is not empty (pass --overwrite to replace it)")
+    if args.model is not None and args.model not in ("minilm", "smollm2") and not Path(args.model).is_dir():
+        raise CLIError(f"--model {args.model}: neither a bundled model (minilm) nor an existing folder")
+    from .models import quiet_transformers
+    from .train import load_finetuned
+
+    model, tokenizer, info = load_finetuned(adapter, args.model, merge=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        with quiet_transformers():
+            model.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+        if output.exists():
+            shutil.rmtree(output) if output.is_dir() else output.unlink()
+        os.replace(tmp, output)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if info.get("model_kind") == "causal-lm":
+        print(f"merged {info['method']} adapter {adapter} into {info['model']} ({info['task']}) -> {output}")
+        print(f"load it with: AutoModelForCausalLM.from_pretrained({str(output)!r})")
+        return 0
+    print(f"merged {info['method']} adapter {adapter} into {info['model']} ({info['num_labels']} labels: "
+          f"{', '.join(info.get('label_names') or [])}) -> {output}")
+    print(f"load it with: AutoModelForSequenceClassification.from_pretrained({str(output)!r})")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace, command: str) -> int:
+    _check_data_args(args)
+    _check_budget_args(args)
+    from . import compare
+
+    methods = compare.parse_methods(args.methods)
+    seeds = compare.parse_seeds(args.seeds)
+    lrs = compare.parse_lrs(args.lr, [compare.base_method(m) for m in methods])
+    task = args.task or Path(args.train_file).stem
+    out_dir = Path(args.output_dir) if args.output_dir else Path("runs") / f"compare-{task}"
+    common = compare.common_finetune_args(args)
+    return compare.run_compare(methods, seeds, common, out_dir, lrs=lrs, overwrite=args.overwrite, command=command)
+
+
+def cmd_generate(args: argparse.Namespace, command: str) -> int:
+    if args.adapter is not None and not Path(args.adapter).is_dir():
+        raise CLIError(f"--adapter {args.adapter}: no such folder")
+    if args.model is not None and args.model != "smollm2" and not Path(args.model).is_dir():
+        raise CLIError(f"--model {args.model}: neither the bundled causal LM (smollm2) nor an existing folder")
+    if args.prompt is None and args.task is None and args.adapter is None:
+        raise CLIError("give --prompt or --task")
+    if args.adapter is not None and args.dtype is not None:
+        raise CLIError("--dtype comes from the adapter; leave it out with --adapter")
+    from .lm import run_generate
+
+    run_generate(model=args.model, adapter=args.adapter, prompt=args.prompt, task=args.task,
+                 num_examples=args.num_examples, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
+                 seed=args.seed, dtype=args.dtype)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- entry
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit status (0 ok, 2 bad input, 1 failed run)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2, message already printed)
+        return exc.code if isinstance(exc.code, int) else 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    command = " ".join(shlex.quote(a) for a in [PROG, *argv])
+    from .train import TrainingDiverged, TrainingInterrupted, UsageError
+
+    try:
+        return args.func(args, command)
+    except (CLIError, UsageError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as exc:  # a checkpoint was saved: 130 (SIGINT), 143 (SIGTERM), 0 (--stop-after)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{PROG}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
