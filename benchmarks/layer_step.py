@@ -1,10 +1,14 @@
-"""Step time of one MLP matrix: SparseGradLinear (each support mode) vs a plain nn.Linear.
+"""Step time of one MLP matrix: SparseGrad (each support mode), MeProp, LoRA (peft), full training, frozen floor.
 
-A step is forward + backward + optimizer step (+ zero_grad) on `tokens` rows, with a random target gradient.
-Rounds are interleaved (each round times every variant once) and the median per variant is reported, with its
-ratio to the plain nn.Linear trained by AdamW. Usage:
+A step is forward + backward + optimizer step (+ zero_grad) on `tokens` rows with a fixed random output gradient.
+Rounds are interleaved (each round times every variant once); the median per variant is reported with its ratio
+to full training (nn.Linear + AdamW) and to LoRA (peft, rank r = round(k / (in + out)), the same budget). Usage:
 
-    python benchmarks/layer_step.py --out-features 1536 --in-features 384 --tokens 2048 --rounds 15
+    python benchmarks/layer_step.py --shapes 1536x384,384x1536 --tokens 512,2048,8192 --rounds 10
+    python benchmarks/layer_step.py --shapes 11008x4096 --tokens 2048 --rounds 2 --warmup 1
+
+Shapes are OUTxIN (nn.Linear weight shape). Bases are random orthogonal matrices: the rotated gradient of random
+data is not concentrated, so a fixed support spans every row and column (the slowest case for the fixed mode).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ def orthogonal(n: int, seed: int) -> torch.Tensor:
     return q
 
 
-def variants(out_f: int, in_f: int, density: float, padded_share: float):
+def variants(out_f: int, in_f: int, density: float, device: torch.device):
     base = nn.Linear(in_f, out_f)
     k = max(1, round(density * out_f * in_f))
     u_out, u_in = orthogonal(out_f, 1), orthogonal(in_f, 2)
@@ -32,12 +36,14 @@ def variants(out_f: int, in_f: int, density: float, padded_share: float):
     def plain():
         layer = nn.Linear(in_f, out_f)
         layer.load_state_dict(base.state_dict())
+        layer.to(device)
         return layer, torch.optim.AdamW(layer.parameters(), lr=1e-4)
 
     def frozen():
         layer = nn.Linear(in_f, out_f)
         layer.load_state_dict(base.state_dict())
         layer.weight.requires_grad_(False)
+        layer.to(device)
         return layer, torch.optim.AdamW([layer.bias], lr=1e-4)
 
     def sparse(support, identity=False):
@@ -46,12 +52,24 @@ def variants(out_f: int, in_f: int, density: float, padded_share: float):
             lin.load_state_dict(base.state_dict())
             eye_o, eye_i = torch.eye(out_f), torch.eye(in_f)
             layer = sg.SparseGradLinear(lin, eye_o if identity else u_out, eye_i if identity else u_in, k=k,
-                                        support=support, kind="bench", identity_basis=identity)
+                                        support=support, kind="bench", identity_basis=identity).to(device)
             return layer, sg.create_optimizer(nn.Sequential(layer), lr=1e-4)
         return build
 
+    def lora():
+        from peft import LoraConfig, get_peft_model
+
+        rank = max(1, round(k / (in_f + out_f)))
+        holder = nn.Sequential()
+        holder.add_module("proj", nn.Linear(in_f, out_f))
+        holder.proj.load_state_dict(base.state_dict())
+        model = get_peft_model(holder, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=["proj"]))
+        model.to(device)
+        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
     return {
         "nn.Linear + AdamW (full)": plain,
+        "LoRA (peft, same budget)": lora,
         "frozen weight (floor)": frozen,
         "SparseGrad dynamic": sparse("dynamic"),
         "SparseGrad fixed": sparse("fixed"),
@@ -59,47 +77,57 @@ def variants(out_f: int, in_f: int, density: float, padded_share: float):
     }, k
 
 
+def bench(out_f: int, in_f: int, tokens: int, args) -> list[tuple[str, float, float, float]]:
+    device = torch.device(args.device)
+    builders, k = variants(out_f, in_f, args.density, device)
+    built = {name: b() for name, b in builders.items()}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, in_f, generator=g).to(device)
+    gy = torch.randn(tokens, out_f, generator=g).to(device)
+    gy[: int(args.padded_share * tokens)] = 0
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in built}
+    for r in range(args.warmup + args.rounds):
+        for name, (layer, opt) in built.items():
+            sync()
+            t0 = time.perf_counter()
+            layer(x).backward(gy)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync()
+            if r >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    full = statistics.median(times["nn.Linear + AdamW (full)"])
+    lora = statistics.median(times["LoRA (peft, same budget)"])
+    return k, [(name, statistics.median(ts), statistics.median(ts) / full, statistics.median(ts) / lora)
+               for name, ts in times.items()]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out-features", type=int, default=1536)
-    p.add_argument("--in-features", type=int, default=384)
-    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--shapes", default="1536x384,384x1536", help="comma list of OUTxIN")
+    p.add_argument("--tokens", default="2048", help="comma list of token counts per step")
     p.add_argument("--density", type=float, default=0.01)
     p.add_argument("--padded-share", type=float, default=0.0, help="share of token rows with zero output gradient")
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    builders, k = variants(args.out_features, args.in_features, args.density, args.padded_share)
-    built = {name: b() for name, b in builders.items()}
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.tokens, args.in_features, generator=g)
-    gy = torch.randn(args.tokens, args.out_features, generator=g)
-    gy[: int(args.padded_share * args.tokens)] = 0
-    times: dict[str, list[float]] = {name: [] for name in built}
-
-    def step(layer, opt):
-        y = layer(x)
-        y.backward(gy)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    for r in range(args.warmup + args.rounds):
-        for name, (layer, opt) in built.items():
-            t0 = time.perf_counter()
-            step(layer, opt)
-            if r >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
-    ref = statistics.median(times["nn.Linear + AdamW (full)"])
-    print(f"shape {args.out_features}x{args.in_features}, tokens {args.tokens}, k={k} ({args.density:.2%}), "
-          f"padded rows {args.padded_share:.0%}, threads {torch.get_num_threads()}, {args.rounds} rounds")
-    print("| variant | median step (ms) | ratio to nn.Linear + AdamW |")
-    print("|---|---|---|")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"| {name} | {1000 * med:.1f} | {med / ref:.2f} |")
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
+    print(f"{where}, torch {torch.__version__}, density {args.density:.2%}, "
+          f"padded rows {args.padded_share:.0%}, {args.rounds} interleaved rounds, medians")
+    print("| shape (out x in) | tokens | variant | median step (ms) | / full | / LoRA |")
+    print("|---|---|---|---|---|---|")
+    for shape in args.shapes.split(","):
+        out_f, in_f = (int(v) for v in shape.lower().split("x"))
+        for tokens in (int(t) for t in args.tokens.split(",")):
+            k, rows = bench(out_f, in_f, tokens, args)
+            for name, med, to_full, to_lora in rows:
+                print(f"| {out_f}x{in_f} (k={k}) | {tokens} | {name} | {1000 * med:.1f} | {to_full:.2f} | "
+                      f"{to_lora:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,98 @@
+"""End-to-end training step of a BERT classifier for one method, in this process (run one method per process so
+that peak memory is honest): median step time, steps/s, peak memory, exact training-state bytes.
+
+    python benchmarks/e2e_step.py --method sparsegrad --model minilm --batch-size 16 --length 128
+    python benchmarks/e2e_step.py --method lora --model bert-base --device cuda      # random-init BERT-base
+    for m in full lora meprop sparsegrad sparsegrad-fixed; do python benchmarks/e2e_step.py --method $m; done
+
+Peak memory: `torch.cuda.max_memory_allocated` on CUDA, peak RSS (ru_maxrss) on CPU. Tokens are random ids (time
+and memory do not depend on the text), every row full length (no padding). Scope `mlp` unless --train-scope all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import torch
+
+import sparsegrad as sg
+from sparsegrad.finetune.methods import prepare_method
+
+
+def build_model(name: str, num_labels: int):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    if name == "bert-base":  # BERT-base shape, random init: time and memory only
+        cfg = BertConfig(num_labels=num_labels)
+        torch.manual_seed(0)
+        return BertForSequenceClassification(cfg)
+    from sparsegrad.finetune.models import load_classifier
+
+    return load_classifier(name, num_labels)[0]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="sparsegrad",
+                   choices=["full", "lora", "meprop", "sparsegrad", "sparsegrad-fixed"])
+    p.add_argument("--model", default="minilm", help="minilm (bundled), bert-base (random init), or a local dir")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--length", type=int, default=128)
+    p.add_argument("--density", type=float, default=0.01)
+    p.add_argument("--train-scope", default="mlp", choices=["mlp", "all"])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    model = build_model(args.model, 2).to(device)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+
+    def batch():
+        ids = torch.randint(1000, vocab, (args.batch_size, args.length), generator=g)
+        return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+                "labels": torch.randint(0, 2, (args.batch_size,), generator=g).to(device)}
+
+    method = "sparsegrad" if args.method == "sparsegrad-fixed" else args.method
+    support = "fixed" if args.method == "sparsegrad-fixed" else "dynamic"
+    prepared = prepare_method(model, method, density=args.density, support=support, train_scope=args.train_scope,
+                              calibration_batches=[batch() for _ in range(2)], calibration_steps=2)
+    model = prepared.model
+    opt = sg.create_optimizer(model, lr=1e-4)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times, state = [], None
+    for step in range(args.warmup + args.steps):
+        b = batch()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model(**b).loss.backward()
+        if step == args.warmup + args.steps - 1:
+            state = sg.training_state_bytes(model, opt)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(json.dumps({"method": args.method, "model": args.model, "device": str(device),
+                      "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                      "batch": f"{args.batch_size}x{args.length}", "scope": args.train_scope,
+                      "median_step_s": round(med, 4), "steps_per_s": round(1 / med, 3),
+                      "peak_memory_mb": round(peak, 1),
+                      "peak_memory_kind": "cuda_max_memory_allocated" if device.type == "cuda" else "peak_rss",
+                      "train_state_bytes": state["total"], "k": prepared.k, "lora_rank": prepared.lora_rank}))
+
+
+if __name__ == "__main__":
+    main()
