@@ -1,4 +1,6 @@
 import os
+import shutil
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -61,3 +63,16 @@ def tiny_bert():
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory):
+    """$SPARSEGRAD_CACHE when set (kept), else a temporary cache removed after the session (0.54 GB); one SmolLM2
+    conversion per test session, shared by every slow test."""
+    env = os.environ.get("SPARSEGRAD_CACHE")
+    if env:
+        yield Path(env).expanduser()
+        return
+    root = tmp_path_factory.mktemp("sparsegrad-cache")
+    yield root
+    shutil.rmtree(root, ignore_errors=True)

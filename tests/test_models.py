@@ -181,16 +181,7 @@ def test_tiny_llama_forward_backward() -> None:
 # --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def smollm2_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """$SPARSEGRAD_CACHE when set (kept), else a temporary cache removed after the session (0.54 GB)."""
-    env = os.environ.get("SPARSEGRAD_CACHE")
-    if env:
-        yield Path(env).expanduser()
-        return
-    root = tmp_path_factory.mktemp("sparsegrad-cache")
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
+# The session-scoped `smollm2_cache` fixture is in conftest.py (shared with tests/test_lm.py).
 
 
 @pytest.mark.slow

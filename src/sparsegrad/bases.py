@@ -43,7 +43,8 @@ class SparseGradBases:
 
     def get(self, kind: str) -> tuple[Tensor, Tensor]:
         if kind not in self.factors:
-            raise ValueError(f"the bases have no factors for kind {kind!r} (they hold: {sorted(self.factors)})")
+            raise ValueError(f"the bases have no factors for kind {kind!r} (they hold: {sorted(self.factors)}): they "
+                             "were calibrated for another model or target_modules; calibrate on this one")
         return self.factors[kind]
 
     def save(self, path: str | Path) -> None:
@@ -66,7 +67,8 @@ class SparseGradBases:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
         if meta.get("format") != "sparsegrad-bases":
-            raise ValueError(f"{path} is not a sparsegrad bases file (no 'sparsegrad-bases' metadata)")
+            raise ValueError(f"{path} is not a sparsegrad bases file (no 'sparsegrad-bases' metadata); write bases "
+                             "with SparseGradBases.save or `sparsegrad calibrate`")
         factors: dict[str, list[Tensor | None]] = {}
         supports: dict[str, Tensor] = {}
         for key, tensor in tensors.items():
@@ -77,9 +79,10 @@ class SparseGradBases:
                 supports[name] = tensor
         for kind, (u_out, u_in) in factors.items():
             if u_out is None or u_in is None:
-                raise ValueError(f"bases file {path} lacks a factor of kind {kind!r}")
-            _check_square(u_out, f"u_out of {kind!r}")
-            _check_square(u_in, f"u_in of {kind!r}")
+                raise ValueError(f"bases file {path} lacks a factor of kind {kind!r}: the file is damaged or was not "
+                                 "written by SparseGradBases.save; calibrate again")
+            _check_square(u_out, f"u_out of {kind!r} in {path}")
+            _check_square(u_in, f"u_in of {kind!r} in {path}")
         return cls(
             factors={k: (v[0], v[1]) for k, v in factors.items()},
             identity=json.loads(meta.get("identity", "false")),
@@ -90,7 +93,8 @@ class SparseGradBases:
 
 def _check_square(t: Tensor, what: str) -> None:
     if t.dim() != 2 or t.shape[0] != t.shape[1]:
-        raise ValueError(f"{what} must be a square matrix, got shape {tuple(t.shape)}")
+        raise ValueError(f"{what} must be a square matrix, got shape {tuple(t.shape)}: the file is damaged; "
+                         "calibrate again")
 
 
 def factors_from_gram(gram: Tensor) -> tuple[Tensor, Tensor]:
@@ -344,7 +348,8 @@ def estimate_bases(
             batch = _to_device(batch, device)
             loss = loss_fn(model, batch)
             if not bool(torch.isfinite(loss.detach()).all()):
-                message = f"calibration loss is not finite at step {used}: {float(loss.detach()):.4g}"
+                message = (f"calibration loss is not finite at step {used}: {float(loss.detach()):.4g}; check the "
+                           "batches (labels in range, no empty inputs) and the model's dtype")
                 if not sync:
                     raise ValueError(message)
                 bad_loss = bad_loss or message  # raised on every rank at the end of the step

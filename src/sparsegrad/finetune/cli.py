@@ -309,7 +309,8 @@ def _check_data_args(args: argparse.Namespace) -> None:
         if path is not None and not Path(path).is_file():
             raise CLIError(f"--{flag.replace('_', '-')} {path}: no such file")
     if args.model is not None and args.model not in ("minilm", "smollm2") and not Path(args.model).is_dir():
-        raise CLIError(f"--model {args.model}: neither a bundled model (minilm) nor an existing folder")
+        raise CLIError(f"--model {args.model}: neither a bundled model (minilm, smollm2) nor an existing model folder "
+                       "(hub names are not downloaded)")
     if args.train_file is None and args.task is None:
         from .lm import is_causal_lm
 
@@ -466,7 +467,8 @@ def cmd_merge(args: argparse.Namespace, command: str) -> int:
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
         raise CLIError(f"--output {output} exists and is not empty (pass --overwrite to replace it)")
     if args.model is not None and args.model not in ("minilm", "smollm2") and not Path(args.model).is_dir():
-        raise CLIError(f"--model {args.model}: neither a bundled model (minilm) nor an existing folder")
+        raise CLIError(f"--model {args.model}: neither a bundled model (minilm, smollm2) nor an existing model folder "
+                       "(hub names are not downloaded)")
     from .models import quiet_transformers
     from .train import load_finetuned
 

@@ -19,6 +19,7 @@ import csv
 import importlib.util
 import io
 import json
+import math
 import os
 import random
 import re
@@ -401,9 +402,25 @@ def load_task(
 # --------------------------------------------------------------------------------------
 
 
+_CSV_FIELD_LIMIT = 1 << 30
+"""Largest CSV field accepted (characters); Python's csv default is 131,072."""
+
+
 def _read_text_file(path: Path) -> str:
-    """Whole file as str: UTF-8, else latin-1 with a warning."""
-    text, encoding = _decode_bytes(path.read_bytes())
+    """Whole file as str: UTF-8, UTF-16 with a byte-order mark, else latin-1 with a warning. Binary data (NUL
+    bytes) is refused."""
+    raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with BOM (e.g. spreadsheet "Unicode text" exports)
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} starts with a UTF-16 byte-order mark but is not valid UTF-16; re-save it "
+                             "as UTF-8") from None
+    if b"\x00" in raw:
+        at = raw.index(b"\x00")
+        raise ValueError(f"{path} holds a NUL byte at offset {at}: it looks like a binary file, not CSV/TSV/JSONL "
+                         "text; export it as UTF-8 text")
+    text, encoding = _decode_bytes(raw)
     if encoding != "utf-8":
         warnings.warn(
             f"{path} is not valid UTF-8; read it as latin-1. Re-save it as UTF-8 if characters look wrong.",
@@ -419,6 +436,9 @@ def _label_str(value: Any, where: str) -> str:
         return str(value).lower()
     if isinstance(value, int):
         return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where}: label is {value!r} (a JSON number too large or NaN); use a class name or an "
+                         "integer")
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     if isinstance(value, (str, float)):
@@ -441,18 +461,25 @@ def _text_str(value: Any, where: str, column: str) -> str:
 
 
 def _missing_column(path: Path, column: str, role: str, available: Sequence[str], where: str = "") -> ValueError:
-    avail = ", ".join(repr(c) for c in available) or "(none)"
+    shown = [repr(c) if len(c) <= 40 else repr(c[:37] + "...") for c in list(available)[:12]]
+    avail = ", ".join(shown) + (f" and {len(available) - 12} more" if len(available) > 12 else "") or "(none)"
     arg = "text_column" if role == "text" else "label_column"
     loc = f" ({where})" if where else ""
     return ValueError(
-        f"{path}{loc}: no {role} column {column!r}; available columns: {avail}. Pass {arg}=... to choose one."
+        f"{path}{loc}: no {role} column {column!r}; available columns: {avail}. Pass {arg}=... "
+        f"(--{arg.replace('_', '-')}) to choose one."
     )
 
 
 def _read_delimited(path: Path, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    if csv.field_size_limit() < _CSV_FIELD_LIMIT:  # long documents are legal; they are truncated at tokenisation
+        csv.field_size_limit(_CSV_FIELD_LIMIT)
     reader = csv.DictReader(io.StringIO(_read_text_file(path), newline=""), delimiter=delimiter)
-    header = reader.fieldnames
+    try:
+        header = reader.fieldnames
+    except csv.Error as exc:
+        raise ValueError(f"{path} line 1: the header is not readable as CSV/TSV ({exc})") from None
     if not header:
         raise ValueError(f"{path} is empty: expected a header line with columns {text_column!r} and {label_column!r}")
     for column, role in ((text_column, "text"), (label_column, "label")):
@@ -460,7 +487,16 @@ def _read_delimited(path: Path, text_column: str, label_column: str) -> tuple[li
             raise _missing_column(path, column, role, header)
     texts: list[str] = []
     labels: list[str] = []
-    for row in reader:
+    rows = iter(reader)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except csv.Error as exc:  # e.g. a field over the size limit, a NUL in the data
+            kind = "TSV" if delimiter == "\t" else "CSV"
+            raise ValueError(f"{path} line {reader.line_num}: not readable as {kind} ({exc}); check the quoting and "
+                             "the delimiter") from None
         where = f"{path} line {reader.line_num}"
         if row.get(text_column) is None or row.get(label_column) is None:
             raise ValueError(f"{where}: the row has fewer fields than the header ({len(header)} columns)")

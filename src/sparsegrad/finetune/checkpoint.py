@@ -1,0 +1,343 @@
+"""Checkpoints and exact resume of the classifier loop, stop signals, and the test-only fault injection hooks.
+
+``OUTPUT_DIR/checkpoints/step-N/`` holds everything the loop needs to continue as if it had never stopped:
+
+* ``model_state.safetensors``: what trains (every parameter with ``requires_grad``, by name) plus each SparseGrad
+  layer's delta (``delta_indices``, ``delta_values``; the support). A dynamic layer's dense effective weight is not
+  saved: it is rebuilt from the frozen base and the delta, bit for bit;
+* ``bases.safetensors`` (SparseGrad only): the calibrated bases, fixed supports and report, so a resumed run does
+  not calibrate again;
+* ``optimizer.pt``: the optimizer's and the LR scheduler's ``state_dict`` (read back with ``weights_only=True``);
+* ``rng_state.pt``: the Python and torch (and CUDA) RNG states of every rank;
+* ``trainer_state.json`` (written last): the step, the data position (epoch, step within the epoch), the loss and
+  step-time history, the world size and batch shape, and the run's settings.
+
+A checkpoint is built in a temporary folder beside and renamed into place, so ``step-N`` is complete or absent; the
+last `KEEP` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as st_save
+from torch import nn
+
+import sparsegrad as sg
+from sparsegrad.io import atomic_write_bytes, read_safetensors
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+MODEL_FILE = "model_state.safetensors"
+BASES_FILE = "bases.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng_state.pt"
+FORMAT = "sparsegrad-finetune-checkpoint"
+VERSION = 1
+KEEP = 2
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+# Test-only fault injection (read by the loop at each step; unset in normal use).
+TEST_NAN_ENV = "SPARSEGRAD_TEST_NAN_AT_STEP"
+"""``STEP`` or ``STEP:loss`` makes the loss of that step NaN; ``STEP:grad`` one gradient entry (rank
+``SPARSEGRAD_TEST_NAN_RANK``, default 0)."""
+TEST_SIGNAL_ENV = "SPARSEGRAD_TEST_SIGNAL_AT_STEP"
+"""``STEP:TERM`` or ``STEP:INT``: the process (rank 0) sends itself that signal once that step is done."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (missing, corrupt, or from another run's settings)."""
+
+
+# ------------------------------------------------------------------------------------------------- model state
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What training changes, by name: parameters with ``requires_grad`` (not a SparseGrad layer's dense effective
+    weight) and every SparseGrad layer's ``delta_indices`` / ``delta_values``. Detached contiguous CPU copies."""
+    layers = sg.sparsegrad_layers(model)
+    dense = {id(layer.weight) for layer in layers.values()}
+    out: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in dense:
+            out[name] = p.detach().cpu().contiguous().clone()
+    for name, layer in layers.items():
+        out[f"{name}.delta_indices"] = layer.delta_indices.detach().cpu().contiguous().clone()
+        out[f"{name}.delta_values"] = layer.delta_values.detach().float().cpu().contiguous().clone()
+    return out
+
+
+@torch.no_grad()
+def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Load `trainable_state` tensors back into a model set up the same way; every tensor must find its place."""
+    from .validate import check_delta, check_finite
+
+    try:
+        for name in sg.sparsegrad_layers(model):
+            check_delta(name, tensors.get(f"{name}.delta_indices"), tensors.get(f"{name}.delta_values"), where)
+        check_finite(tensors, where)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    own = model.state_dict(keep_vars=True)
+    unknown = sorted(set(tensors) - set(own))
+    if unknown:
+        raise CheckpointError(f"{where} holds tensors the model lacks ({unknown[:3]}): it was written for another "
+                              "model or method")
+    for name, value in tensors.items():
+        target = own[name]
+        if not name.endswith((".delta_indices", ".delta_values")) and tuple(target.shape) != tuple(value.shape):
+            raise CheckpointError(f"{where}: {name} is {tuple(value.shape)}, the model has {tuple(target.shape)}")
+    result = model.load_state_dict(tensors, strict=False)
+    if result.unexpected_keys:  # pragma: no cover - caught above
+        raise CheckpointError(f"{where} holds tensors the model lacks: {result.unexpected_keys[:3]}")
+    for layer in sg.sparsegrad_layers(model).values():
+        layer.sync_weight(force=True)
+
+
+def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+# ------------------------------------------------------------------------------------------------- RNG
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------------------- files
+def checkpoints_dir(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / CHECKPOINTS
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints (``step-N`` folders) under ``output_dir/checkpoints``, oldest first."""
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and child.is_dir() and (child / STATE_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def clear_checkpoints(output_dir: str | os.PathLike) -> bool:
+    """Remove the checkpoints of an earlier run in ``output_dir`` (a fresh run must never resume into them)."""
+    root = checkpoints_dir(output_dir)
+    if root.is_dir():
+        shutil.rmtree(root)
+        return True
+    return False
+
+
+def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, bases: sg.SparseGradBases | None, rng_states: list[dict[str, Any]],
+                    state: dict[str, Any], keep: int = KEEP) -> Path:
+    """Write ``output_dir/checkpoints/step-<step>`` atomically and keep the last ``keep`` checkpoints."""
+    tensors = trainable_state(model)
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        raise CheckpointError(f"refusing to write a checkpoint with non-finite values in {bad[:3]}")
+    root = checkpoints_dir(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.tmp-", dir=root))
+    try:
+        atomic_write_bytes(tmp / MODEL_FILE, st_save(tensors, metadata={"format": FORMAT}))
+        if bases is not None:
+            bases.save(tmp / BASES_FILE)
+        _torch_save(tmp / OPTIMIZER_FILE, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
+        _torch_save(tmp / RNG_FILE, {"ranks": rng_states})
+        record = {"format": FORMAT, "version": VERSION, **state}
+        atomic_write_bytes(tmp / STATE_FILE, (json.dumps(record, indent=1) + "\n").encode())
+        old = None
+        if final.exists():  # the same step written again (a resumed run): swap, then drop the old one
+            old = Path(tempfile.mkdtemp(prefix=f".step-{step}.old-", dir=root))
+            os.replace(final, old / final.name)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    for _, path in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+    for child in root.iterdir():  # leftovers of writers killed half-way
+        if child.name.startswith(".step-") and child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+    return final
+
+
+def _torch_save(path: Path, obj: Any) -> None:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _torch_load(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or foreign pickles raise many types
+        raise CheckpointError(f"{path} is corrupt ({type(exc).__name__}: {str(exc)[:200]}); delete {path.parent} to "
+                              "resume from the checkpoint before it, if any, or start again") from None
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    state: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng_states: list[dict[str, Any]]
+    bases: sg.SparseGradBases | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read and check one ``step-N`` folder."""
+    path = Path(path)
+    state_file = path / STATE_FILE
+    try:
+        state = json.loads(state_file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{state_file} is missing: not a complete checkpoint") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{state_file} is not valid JSON ({exc}); the checkpoint is corrupt") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{state_file} is not a sparsegrad finetune checkpoint")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint format version {state.get('version')!r} is not supported (this is "
+                              f"{VERSION})")
+    try:
+        tensors, _ = read_safetensors(path / MODEL_FILE, "checkpoint model state")
+    except (ValueError, FileNotFoundError) as exc:
+        raise CheckpointError(str(exc)) from None
+    bases = None
+    if (path / BASES_FILE).is_file():
+        try:
+            bases = sg.SparseGradBases.load(path / BASES_FILE)
+        except (ValueError, FileNotFoundError) as exc:
+            raise CheckpointError(f"checkpoint bases: {exc}") from None
+    opt = _torch_load(path / OPTIMIZER_FILE)
+    rng = _torch_load(path / RNG_FILE)
+    if not isinstance(opt, dict) or "optimizer" not in opt or "scheduler" not in opt:
+        raise CheckpointError(f"{path / OPTIMIZER_FILE} does not hold an optimizer and a scheduler state")
+    if not isinstance(rng, dict) or not rng.get("ranks"):
+        raise CheckpointError(f"{path / RNG_FILE} holds no RNG state")
+    return Checkpoint(path=path, state=state, tensors=tensors, optimizer=opt["optimizer"],
+                      scheduler=opt["scheduler"], rng_states=list(rng["ranks"]), bases=bases)
+
+
+# ------------------------------------------------------------------------------------------------- signals
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM ask the loop to stop after the current step (it then saves a checkpoint);
+    a second signal aborts at once (KeyboardInterrupt). Handlers are installed only in the main thread."""
+
+    def __init__(self, verbose: bool = True) -> None:
+        self.signum: int | None = None
+        self.verbose = verbose
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in EXIT_CODES:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        if self.verbose:
+            print(f"\nsparsegrad: got {signal.Signals(signum).name}: saving a checkpoint after this step "
+                  "(send it again to abort without saving)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
+# ------------------------------------------------------------------------------------------------- test hooks
+@dataclass
+class FaultInjection:
+    """Test-only faults read from the environment (see `TEST_NAN_ENV`, `TEST_SIGNAL_ENV`)."""
+
+    nan_step: int | None = None
+    nan_kind: str = "loss"
+    nan_rank: int = 0
+    signal_step: int | None = None
+    signal_num: int | None = None
+
+    @classmethod
+    def from_env(cls) -> "FaultInjection":
+        out = cls()
+        spec = os.environ.get(TEST_NAN_ENV)
+        if spec:
+            step, _, kind = spec.partition(":")
+            out.nan_step, out.nan_kind = int(step), (kind or "loss")
+            out.nan_rank = int(os.environ.get("SPARSEGRAD_TEST_NAN_RANK", "0"))
+        spec = os.environ.get(TEST_SIGNAL_ENV)
+        if spec:
+            step, _, name = spec.partition(":")
+            out.signal_step = int(step)
+            out.signal_num = signal.SIGINT if name.upper() in ("INT", "SIGINT") else signal.SIGTERM
+        return out
+
+    def poison_loss(self, loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+        if self.nan_step == step and self.nan_kind == "loss" and rank == self.nan_rank:
+            return loss * float("nan")
+        return loss
+
+    def poison_grad(self, model: nn.Module, step: int, rank: int) -> None:
+        if self.nan_step == step and self.nan_kind == "grad" and rank == self.nan_rank:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.view(-1)[0] = float("nan")
+                    return
+
+    def maybe_signal(self, step: int, rank: int) -> None:
+        if self.signal_step == step and rank == 0:
+            os.kill(os.getpid(), self.signal_num)

@@ -1,0 +1,155 @@
+"""The `sparsegrad` CLI: one-line errors with exit status 2, help, merge, calibrate, and a tiny compare."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_train import make_csv, make_tiny_model_dir
+
+from sparsegrad.finetune.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tinycli")
+    return make_tiny_model_dir(root / "model"), make_csv(root / "train.csv")
+
+
+def _err(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err
+    return code, err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["finetune", "--method", "dora"], "invalid choice: 'dora'"),
+    (["finetune", "--k", "10", "--density", "0.01"], "sparsegrad: error: give --k or --density, not both"),
+    (["finetune", "--density", "0"], "density must be in (0, 1]"),
+    (["finetune", "--density", "1.5"], "density must be in (0, 1]"),
+    (["finetune", "--density", "abc"], "expected a number in (0, 1]"),
+    (["finetune", "--k", "-3"], "expected a positive integer"),
+    (["finetune", "--batch-size", "0"], "expected a positive integer"),
+    (["finetune", "--lr", "-1"], "expected a positive number"),
+    (["finetune", "--warmup-ratio", "1"], "expected a number in [0, 1)"),
+    (["finetune", "--seed", "-1"], "expected an integer in [0, 2**32)"),
+    (["finetune", "--train-file", "/nonexistent/train.csv"], "sparsegrad: error: --train-file /nonexistent/train.csv: no such file"),
+    (["finetune", "--eval-file", "x.csv"], "sparsegrad: error: --eval-file needs --train-file"),
+    (["finetune", "--task", "bbc", "--train-file", "x.csv"], "sparsegrad: error: give --task or --train-file, not both"),
+    (["finetune", "--task", "imdb"], "invalid choice: 'imdb'"),
+    (["finetune", "--model", "/nonexistent/model"], "sparsegrad: error: --model /nonexistent/model: neither"),
+    (["finetune", "--method", "full", "--lora-rank", "4"], "sparsegrad: error: --lora-rank applies to --method lora"),
+    (["finetune", "--train-scope", "attention"], "invalid choice: 'attention'"),
+    (["merge", "--adapter", "/nonexistent/adapter", "--output", "x"], "sparsegrad: error: --adapter /nonexistent/adapter: no such folder"),
+    (["merge", "--output", "x"], "the following arguments are required: --adapter"),
+    (["compare", "--methods", "full,dora"], "sparsegrad: error: unknown method 'dora' in --methods"),
+    (["compare", "--seeds", "0,x"], "sparsegrad: error: --seeds must be a comma list of integers"),
+    (["compare", "--seeds", "0,-2"], "sparsegrad: error: --seeds must be integers in [0, 2**32)"),
+    (["compare", "--methods", "lora,lora"], "sparsegrad: error: --methods names a method twice"),
+    (["compare", "--lr", "fast"], "sparsegrad: error: --lr: 'fast' is not a number"),
+    (["compare", "--lr", "dora=1e-3"], "sparsegrad: error: --lr: expected method=value pairs"),
+    (["calibrate", "--k", "5", "--density", "0.1"], "sparsegrad: error: give --k or --density, not both"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_bad_inputs_exit_2_with_one_line(capsys, argv, message):
+    code, err = _err(capsys, argv)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_bad_file_contents_exit_2(capsys, tmp_path, tiny):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("sentence,label\nhello,a\nworld,b\n")
+    code, err = _err(capsys, ["finetune", "--train-file", str(bad), "--model", str(tiny[0])])
+    assert code == 2 and "sparsegrad: error:" in err and "no text column 'text'" in err
+    assert len(err.strip().splitlines()) == 1
+    code, err = _err(capsys, ["finetune", "--train-file", str(tiny[1]), "--model", str(tiny[0]), "--max-length", "100"])
+    assert code == 2 and "exceeds the model's 64 positions" in err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, err = _err(capsys, ["finetune", "--train-file", str(tiny[1]), "--model", str(tiny[0]),
+                              "--output-dir", str(blocker / "run")])
+    assert code == 2 and "cannot create output folder" in err
+
+
+def test_help_and_no_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "finetune" in out and "compare" in out and "merge" in out and "calibrate" in out
+    assert main(["finetune", "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--model", "--task", "--train-file", "--method", "--density", "--k", "--support", "--train-scope",
+                 "--epochs", "--max-steps", "--batch-size", "--lr", "--seed", "--max-length", "--calibration-steps",
+                 "--output-dir", "--max-train", "--max-eval", "--warmup-ratio", "--weight-decay", "--no-progress"):
+        assert flag in out
+    assert main([]) == 2
+
+
+def test_python_m_sparsegrad():
+    proc = subprocess.run([sys.executable, "-m", "sparsegrad", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "sparsegrad" in proc.stdout and "compare" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "sparsegrad", "finetune", "--density", "2"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "density must be in (0, 1]" in proc.stderr
+
+
+def test_finetune_merge_calibrate(tiny, tmp_path, capsys):
+    model_dir, train = tiny
+    out = tmp_path / "run"
+    code = main(["finetune", "--model", str(model_dir), "--train-file", str(train), "--method", "lora",
+                 "--max-length", "32", "--batch-size", "8", "--max-steps", "3", "--density", "0.05",
+                 "--no-progress", "--output-dir", str(out)])
+    assert code == 0
+    assert "eval accuracy" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["max_length"] == 32 and metrics["num_train"] == 48  # a train file: all rows by default
+
+    merged = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(out / "adapter"), "--output", str(merged)]) == 0
+    from transformers import AutoModelForSequenceClassification
+
+    plain = AutoModelForSequenceClassification.from_pretrained(str(merged))
+    assert plain.config.num_labels == 3 and plain.config.id2label[0] == "arts"
+    from sparsegrad.finetune.train import load_finetuned
+
+    rebuilt, _, _ = load_finetuned(out / "adapter")
+    ids = torch.randint(5, 30, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(plain.eval()(input_ids=ids).logits, rebuilt(input_ids=ids).logits, atol=1e-5)
+    code, err = _err(capsys, ["merge", "--adapter", str(out / "adapter"), "--output", str(merged)])
+    assert code == 2 and "exists and is not empty" in err
+
+    cal = tmp_path / "cal"
+    assert main(["calibrate", "--model", str(model_dir), "--train-file", str(train), "--max-length", "32",
+                 "--batch-size", "8", "--calibration-steps", "2", "--no-progress", "--output-dir", str(cal)]) == 0
+    printed = capsys.readouterr().out
+    assert "rotated" in printed and "original" in printed
+    import sparsegrad as sg
+
+    bases = sg.SparseGradBases.load(cal / "bases.safetensors")
+    assert len(bases.kinds()) == 2
+    report = json.loads((cal / "report.json").read_text())["report"]
+    assert all(e["energy_topk_rotated"] > e["energy_topk_original"] for e in report.values())
+
+
+def test_compare_tiny(tiny, tmp_path, capsys):
+    model_dir, train = tiny
+    out = tmp_path / "cmp"
+    argv = ["compare", "--methods", "lora,sparsegrad", "--seeds", "0", "--model", str(model_dir), "--train-file",
+            str(train), "--max-length", "32", "--batch-size", "8", "--max-steps", "3", "--density", "0.05",
+            "--lr", "lora=2e-3", "--output-dir", str(out)]
+    assert main(argv) == 0
+    results = (out / "results.md").read_text()
+    assert (out / "comparison.png").stat().st_size > 10_000
+    assert "| lora | 1 |" in results and "| sparsegrad | 1 |" in results
+    assert "sparsegrad compare --methods lora,sparsegrad" in results
+    assert "step time / lora" in results
+    for label in ("lora", "sparsegrad"):
+        m = json.loads((out / f"{label}-s0" / "metrics.json").read_text())
+        assert m["train_steps"] == 3 and m["num_train"] == 48
+    assert json.loads((out / "lora-s0" / "metrics.json").read_text())["lr"] == 2e-3
+    capsys.readouterr()
+    assert main(argv) == 0  # resumable: both runs are skipped
+    assert capsys.readouterr().out.count("skipped") == 2
