@@ -121,3 +121,29 @@ def test_adapter_without_bases_needs_the_same_bases(tmp_path):
         sg.load_adapter(make_tiny_bert(), slim, bases=other)
     loaded = sg.load_adapter(make_tiny_bert(), slim, bases=bases)
     torch.testing.assert_close(loaded(**batch).logits, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("corrupt,msg", [
+    (lambda t, n: t.__setitem__(f"{n}.delta_indices", t[f"{n}.delta_indices"].float()), "integer indices"),
+    (lambda t, n: t[f"{n}.delta_values"].__setitem__(0, float("nan")), "NaN or infinite"),
+    (lambda t, n: t.__setitem__(f"{n}.delta_indices", t[f"{n}.delta_indices"].flip(0).contiguous()), "unsorted"),
+    (lambda t, n: t.pop("classifier.weight"), "lack the trained parameter"),
+])
+def test_load_refuses_inconsistent_tensors(tmp_path, corrupt, msg):
+    """A well-formed file with bad contents (rewritten with a matching checksum) is refused by name."""
+    from safetensors.torch import save as st_save
+
+    from sparsegrad.io import sha256_bytes
+
+    model = converted_bert()
+    train(model)
+    path = sg.save_adapter(model, tmp_path / "a")
+    tensors = load_file(path / "adapter_model.safetensors")
+    corrupt(tensors, "bert.encoder.layer.0.intermediate.dense")
+    blob = st_save(tensors)
+    (path / "adapter_model.safetensors").write_bytes(blob)
+    meta = json.loads((path / "adapter_config.json").read_text())
+    meta["weights_sha256"] = sha256_bytes(blob)
+    (path / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=msg):
+        sg.load_adapter(make_tiny_bert(), path)

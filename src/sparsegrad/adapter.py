@@ -189,7 +189,11 @@ def load_adapter(base_model: nn.Module, path: str | Path, *, bases: SparseGradBa
             raise ValueError(f"adapter delta of {name} has {idx.numel()} indices for {vals.numel()} values")
         state[f"{name}.delta_indices"] = idx
         state[f"{name}.delta_values"] = vals.float()
-    for name in meta["trainable_params"]:
+    for name, shape in meta["trainable_params"].items():
+        if name not in tensors:
+            raise ValueError(f"adapter weights lack the trained parameter {name!r} that its config lists")
+        if list(tensors[name].shape) != shape:
+            raise ValueError(f"adapter parameter {name} is {list(tensors[name].shape)}, its config says {shape}")
         state[name] = tensors[name]
     with torch.no_grad():
         layer_map = sparsegrad_layers(base_model)
@@ -202,6 +206,14 @@ def load_adapter(base_model: nn.Module, path: str | Path, *, bases: SparseGradBa
 
 def _load_delta(layer, indices: torch.Tensor, values: torch.Tensor, name: str) -> None:
     n = layer.out_features * layer.in_features
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"adapter delta of {name} has {indices.dtype} indices; integer indices are required")
+    if not values.is_floating_point():
+        raise ValueError(f"adapter delta of {name} has {values.dtype} values; floating-point values are required")
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"adapter delta of {name} holds NaN or infinite values: the adapter is corrupt")
+    if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
+        raise ValueError(f"adapter delta of {name} has unsorted or repeated indices: the adapter is corrupt")
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
         raise ValueError(f"adapter delta of {name} has indices outside its {layer.out_features}x{layer.in_features}")
     if layer.support == "fixed" and indices.numel() not in (0, layer.k):

@@ -411,7 +411,8 @@ def cmd_finetune(args: argparse.Namespace, command: str) -> int:
 
         print("\n".join(summary_lines(m)))
         return 0
-    print(f"{m['method']} on {m['task']} (seed {m['seed']}, {m['train_steps']} steps of {m['batch_size']}, "
+    print(f"{m['method']} on {m['task']} (seed {m['seed']}, {m['train_steps']} steps of "
+          f"{m.get('global_batch_size', m['batch_size'])}, "
           f"lr {m['lr']:g}, scope {m['train_scope']}):")
     print(f"  eval accuracy {m['eval_accuracy']:.4f}, macro-F1 {m['eval_macro_f1']:.4f}, loss {m['eval_loss']:.4f} "
           f"on {m['num_eval']} held-out examples (majority class: {m['majority_baseline_accuracy']:.4f})")

@@ -408,8 +408,9 @@ def resume_config(output_dir: str | os.PathLike) -> FinetuneConfig:
         raise UsageError(f"cannot resume from {path}: {STATE_FILE} holds no run settings ({exc!r}); "
                          f"{damaged}") from None
     names = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    cfg = FinetuneConfig(**{k: v for k, v in saved.items() if k in names and k not in RESUME_MAY_CHANGE})
-    return dataclasses.replace(cfg, resume=str(out))
+    per_invocation = {"output_dir", "progress", "verbose", "command", "resume", "stop_after"}
+    cfg = FinetuneConfig(**{k: v for k, v in saved.items() if k in names and k not in per_invocation})
+    return dataclasses.replace(cfg, resume=str(out))  # save_every and on_nonfinite carry over unless given again
 
 
 def _load_resume(cfg: FinetuneConfig, world: int):
@@ -589,6 +590,7 @@ def _finetune_classifier(cfg: FinetuneConfig, ctx, block_indices) -> dict[str, A
         skipped = [int(v) for v in saved.get("skipped_steps", [])]
         train_time_before = float(saved.get("train_time_s", 0.0))
         calibration_time = float(saved.get("calibration_time_s", calibration_time))
+        state_bytes = dict(saved.get("train_state_bytes") or {})
         log(f"resuming from {resume.path}: step {step} of {total_steps}")
     elif main and clear_checkpoints(out_dir):
         log(f"removed the checkpoints of an earlier run in {checkpoints_dir(out_dir)} (this run starts afresh)")
@@ -605,7 +607,7 @@ def _finetune_classifier(cfg: FinetuneConfig, ctx, block_indices) -> dict[str, A
                 "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "global_batch_size": global_batch,
                 "losses": [None if math.isnan(v) else v for v in losses], "step_times": step_times,
                 "skipped_steps": skipped, "train_time_s": train_time_before + time.perf_counter() - train_start,
-                "calibration_time_s": calibration_time, "reason": reason,
+                "calibration_time_s": calibration_time, "reason": reason, "train_state_bytes": state_bytes,
                 "config": dataclasses.asdict(cfg),
             }
             try:

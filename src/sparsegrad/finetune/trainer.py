@@ -88,14 +88,25 @@ def restore_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     for name, info in meta["layers"].items():
         state[f"{name}.delta_indices"] = tensors[f"{name}.delta_indices"].long()
         state[f"{name}.delta_values"] = tensors[f"{name}.delta_values"].float()
-        if not meta["identity_basis"]:
-            state[f"{name}.u_out"] = tensors[f"bases/u_out/{info['kind']}"]
-            state[f"{name}.u_in"] = tensors[f"bases/u_in/{info['kind']}"]
     for name in meta["trainable_params"]:
         state[name] = tensors[name]
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise ValueError(f"adapter {path} holds tensors the model lacks: {result.unexpected_keys[:3]}")
+    if not meta["identity_basis"]:  # the bases are non-persistent buffers shared by a kind: set them directly
+        shared: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, info in meta["layers"].items():
+            layer, kind = layers[name], info["kind"]
+            if kind not in shared:
+                u_out, u_in = tensors[f"bases/u_out/{kind}"], tensors[f"bases/u_in/{kind}"]
+                if u_out.shape != layer.u_out.shape or u_in.shape != layer.u_in.shape:
+                    raise ValueError(f"adapter {path}: bases of kind {kind!r} are {tuple(u_out.shape)} and "
+                                     f"{tuple(u_in.shape)}, the model's {name} needs {tuple(layer.u_out.shape)} and "
+                                     f"{tuple(layer.u_in.shape)}")
+                device = layer.u_out.device
+                shared[kind] = (u_out.to(device, torch.float32).contiguous(),
+                                u_in.to(device, torch.float32).contiguous())
+            layer.u_out, layer.u_in = shared[kind]
     for layer in layers.values():
         layer.sync_weight(force=True)
     return model
