@@ -304,14 +304,18 @@ def _assemble(
 # --------------------------------------------------------------------------------------
 
 
-def _package_dir(module: str) -> Path:
-    """Directory of an installed package, found without importing it."""
+def package_dir(module: str, pip_hint: str, what: str = "data") -> Path:
+    """Directory of an installed bundled package, found without importing it (some run heavy code on import)."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            f"the bundled data package {module!r} is not installed; install it with: {_PIP_HINTS[module]}"
+            f"the bundled {what} package {module!r} is not installed; install it with: {pip_hint}"
         )
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def _package_dir(module: str) -> Path:
+    return package_dir(module, _PIP_HINTS[module])
 
 
 def _decode_bytes(data: bytes) -> tuple[str, str]:

