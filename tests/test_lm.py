@@ -2,8 +2,6 @@
 generation, bf16, and one short run on the real SmolLM2 (slow)."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
