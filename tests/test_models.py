@@ -19,7 +19,7 @@ def _hide_package(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     def fake(module: str, *args, **kwargs):
         return None if module == name else real(module, *args, **kwargs)
 
-    monkeypatch.setattr(M.importlib.util, "find_spec", fake)
+    monkeypatch.setattr(importlib.util, "find_spec", fake)
 
 
 # --------------------------------------------------------------------------------------
