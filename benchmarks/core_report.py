@@ -6,6 +6,7 @@ Parts (all by default, or name some):
                orientation, and the original basis (what MeProp keeps)
   calibration  time and peak RSS of streaming Gram calibration vs an explicit stacked HOSVD, each in its own process
   adapter      adapter file size after training vs the dense MLP weights
+  merge        inference time of the merged model vs the base model (interleaved forward passes)
 
     python benchmarks/core_report.py [exactness energy calibration adapter] [--steps 10] [--train-steps 20]
 """
@@ -191,9 +192,34 @@ def part_adapter(args) -> None:
               f"{bases_bytes / 1e6:.2f} |")
 
 
+def part_merge(args) -> None:
+    import statistics
+
+    base, bs = batches(4)
+    model = copy.deepcopy(base)
+    cfg = sg.SparseGradConfig(density=0.01, score_steps=0)
+    sg.get_sparsegrad_model(model, cfg, sg.estimate_bases(model, cfg, bs[:2], progress=False))
+    opt = sg.create_optimizer(model, lr=1e-3)
+    model(**bs[2]).loss.backward()
+    opt.step()
+    merged = sg.merge_and_unload(model).eval()
+    base.eval()
+    times = {"base": [], "merged": []}
+    with torch.no_grad():
+        for r in range(12):
+            for name, m in (("base", base), ("merged", merged)):
+                t0 = time.perf_counter()
+                m(**{k: v for k, v in bs[3].items() if k != "labels"})
+                if r >= 2:
+                    times[name].append(time.perf_counter() - t0)
+    b, mm = statistics.median(times["base"]), statistics.median(times["merged"])
+    print(f"forward of 16x128, 10 interleaved rounds: base {1000 * b:.0f} ms, merged {1000 * mm:.0f} ms, "
+          f"ratio {mm / b:.3f}; merged modules: {sorted({type(m).__name__ for n, m in merged.named_modules() if n.endswith('dense')})}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("parts", nargs="*", default=["exactness", "energy", "calibration", "adapter"])
+    p.add_argument("parts", nargs="*", default=["exactness", "energy", "calibration", "adapter", "merge"])
     p.add_argument("--steps", type=int, default=10, help="calibration steps")
     p.add_argument("--train-steps", type=int, default=20)
     p.add_argument("--worker", help=argparse.SUPPRESS)
