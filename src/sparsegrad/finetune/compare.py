@@ -27,7 +27,9 @@ from typing import Any
 
 from . import lm_compare
 from .cli import CLIError
+from .metrics import format_mean_std as _ms
 from .metrics import human_bytes, mean_std
+from .metrics import mean_or_none as _mean
 
 # label -> (finetune --method, --support)
 METHOD_LABELS: dict[str, tuple[str, str]] = {
@@ -214,19 +216,6 @@ def read_loss(run_dir: str | Path) -> list[float]:
         return []
     with open(path, newline="") as fh:
         return [float(row["loss"]) for row in csv.DictReader(fh)]
-
-
-def _ms(values: list[float], fmt: str) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "—"
-    mean, std = mean_std(values)
-    return f"{mean:{fmt}} ± {std:{fmt}}" if len(values) > 1 else f"{mean:{fmt}}"
-
-
-def _mean(values: list[float | None]) -> float | None:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
 
 
 def write_results_md(path: Path, results: dict[str, list[dict[str, Any]]], methods: list[str], seeds: list[int],

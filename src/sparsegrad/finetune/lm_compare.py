@@ -9,7 +9,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .metrics import format_mean_std as _ms
 from .metrics import human_bytes, mean_std
+from .metrics import mean_or_none as _mean
 
 
 def is_lm_run(m: dict[str, Any]) -> bool:
@@ -23,19 +25,6 @@ def run_summary(m: dict[str, Any]) -> str:
     else:
         quality = f"held-out perplexity {m['eval_perplexity']:.3f} (loss {m['eval_loss']:.4f})"
     return f"{quality}, median step {m['step_time_median_s']:.3f} s"
-
-
-def _ms(values: list[float | None], fmt: str) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "—"
-    mean, std = mean_std(values)
-    return f"{mean:{fmt}} ± {std:{fmt}}" if len(values) > 1 else f"{mean:{fmt}}"
-
-
-def _mean(values: list[float | None]) -> float | None:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
 
 
 def write_lm_results_md(path: Path, results: dict[str, list[dict[str, Any]]], methods: list[str], seeds: list[int],

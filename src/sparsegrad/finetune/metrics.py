@@ -118,3 +118,17 @@ def human_bytes(n: float | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+def format_mean_std(values: Sequence[float | None], fmt: str) -> str:
+    """'mean ± std' of the values that are not None (just the mean for one value, '—' for none)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    mean, std = mean_std(values)
+    return f"{mean:{fmt}} ± {std:{fmt}}" if len(values) > 1 else f"{mean:{fmt}}"
+
+
+def mean_or_none(values: Sequence[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
