@@ -392,17 +392,28 @@ def plot_comparison(path: Path, results: dict[str, list[dict[str, Any]]], method
     ax_entries.set_xticks(x, labels, rotation=20)
     ax_entries.set_title("budget: per step vs ever updated")
     ax_entries.legend(fontsize=8)
+    loss_panel(ax_loss, results, labels, colors)
+    save_figure(fig, path)
+
+
+def loss_panel(ax, results: dict[str, list[dict[str, Any]]], labels: list[str], colors: list[str]) -> None:
+    """Training loss per method from each run's loss.csv: mean over seeds, smoothed."""
     for label, color in zip(labels, colors):
-        curves = [read_loss(m["_dir"]) for m in results[label]]
-        curves = [c for c in curves if c]
+        curves = [c for c in (read_loss(m["_dir"]) for m in results[label]) if c]
         if not curves:
             continue
         n = min(len(c) for c in curves)
         mean = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
-        ax_loss.plot(range(1, n + 1), _smooth(mean, max(1, n // 15)), color=color, label=label)
-    ax_loss.set_title("training loss (mean over seeds, smoothed)")
-    ax_loss.set_xlabel("step")
-    ax_loss.legend(fontsize=8)
+        ax.plot(range(1, n + 1), _smooth(mean, max(1, n // 15)), color=color, label=label)
+    ax.set_title("training loss (mean over seeds, smoothed)")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=8)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write atomically (temp file + rename) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
     fig.savefig(tmp, dpi=100)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +140,7 @@ def plot_lm_comparison(path: Path, results: dict[str, list[dict[str, Any]]], met
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .compare import COLORS, _smooth, read_loss
+    from .compare import COLORS, loss_panel, save_figure
 
     labels = [m for m in methods if results.get(m)]
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.5))
@@ -163,19 +162,5 @@ def plot_lm_comparison(path: Path, results: dict[str, list[dict[str, Any]]], met
         bars(axes[0], "eval_perplexity", "held-out perplexity", "perplexity")
     bars(axes[1], "eval_loss", "held-out loss per target token", "nats")
     bars(axes[2], "step_time_median_s", "median step time", "seconds")
-    ax = axes[3]
-    for label, color in zip(labels, colors):
-        curves = [c for c in (read_loss(m["_dir"]) for m in results[label]) if c]
-        if not curves:
-            continue
-        n = min(len(c) for c in curves)
-        mean = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
-        ax.plot(range(1, n + 1), _smooth(mean, max(1, n // 15)), color=color, label=label)
-    ax.set_title("training loss (mean over seeds, smoothed)")
-    ax.set_xlabel("step")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    loss_panel(axes[3], results, labels, colors)
+    save_figure(fig, path)
