@@ -119,9 +119,22 @@ def test_meprop_has_identity_bases():
         assert layer.identity_basis
         assert torch.equal(layer.u_out, torch.eye(layer.out_features))
         assert torch.equal(layer.u_in, torch.eye(layer.in_features))
-    sparse = _prepare("sparsegrad")
+    sparse = _prepare("sparsegrad", score_steps=1)
     assert not sparse.bases.identity and sparse.calibration_time_s > 0
     assert set(sparse.bases_report) and all("energy_topk_rotated" in e for e in sparse.bases_report.values())
+
+
+@pytest.mark.parametrize("support,score_steps,expected", [("dynamic", None, 0), ("fixed", None, 2),
+                                                          ("dynamic", 1, 1), ("fixed", 0, 0)])
+def test_score_steps_default_by_support(support, score_steps, expected):
+    # A dynamic support only reports from the re-run batches, so by default they are skipped; a fixed one is chosen
+    # from them (or, with 0, from the first training step).
+    prep = _prepare("sparsegrad", support=support, score_steps=score_steps)
+    assert prep.config.score_steps == expected and prep.score_steps == expected
+    assert all(("energy_topk_rotated" in e) == (expected > 0) for e in prep.bases_report.values())
+    layers = sg.sparsegrad_layers(prep.model).values()
+    if support == "fixed":
+        assert all(layer.support_pending == (expected == 0) for layer in layers)
 
 
 def test_trainable_entries_are_fair():

@@ -66,6 +66,7 @@ _count_or_all = _number(int, lambda v: v >= 0, "a non-negative integer (0 = all)
 _seed = _number(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")
 _density = _number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]", "density must be in (0, 1]")
 _positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive number")  # NaN fails the test too
+_non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 _non_negative_float = _number(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
 _ratio = _number(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
 
@@ -107,6 +108,10 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--k", type=_positive_int, default=None, help="entries per MLP matrix per step (instead of --density)")
     g.add_argument("--calibration-steps", type=_positive_int, default=4,
                    help="training batches used to estimate the SparseGrad bases (default 4)")
+    g.add_argument("--score-steps", type=_non_negative_int, default=None,
+                   help="calibration batches re-run once the bases are known, to report the top-k energy share "
+                        "(rotated vs original) and to choose a fixed support (default: 2 with --support fixed, 0 "
+                        "with dynamic, where the score only reports; calibrate: 2)")
     g.add_argument("--every-nth-block", type=_positive_int, default=None,
                    help="adapt the MLPs of blocks 0, n, 2n, ... only (default: every block; the paper's LLaMA "
                         "runs use 3)")
@@ -194,8 +199,6 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--basis-sharing", choices=("kind", "layer"), default="kind",
                      help="one basis pair per kind of matrix shared by all blocks (kind, the paper) or per matrix")
     cal.add_argument("--batch-size", type=_positive_int, default=16, help="examples per batch (default 16)")
-    cal.add_argument("--score-steps", type=int, default=2,
-                     help="batches re-run to score the energy shares (default 2; 0 skips the report)")
     cal.add_argument("--output-dir", default=None, help="where bases.safetensors goes (default runs/calibrate-<task>-s<seed>)")
     cal.add_argument("--no-progress", action="store_true", help="no progress bars")
     cal.set_defaults(func=cmd_calibrate)
@@ -289,7 +292,7 @@ def _finetune_config(args: argparse.Namespace, command: str | None = None):
         density=args.density if args.k is None else None, k=args.k, support=args.support,
         train_scope=args.train_scope, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
         lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, seed=args.seed,
-        max_length=args.max_length, calibration_steps=args.calibration_steps,
+        max_length=args.max_length, calibration_steps=args.calibration_steps, score_steps=args.score_steps,
         max_train=args.max_train or None, max_eval=args.max_eval or None, lora_rank=args.lora_rank,
         every_nth_block=args.every_nth_block, prompt_column=args.prompt_column,
         response_column=args.response_column, dtype=args.dtype,
@@ -347,6 +350,8 @@ def cmd_finetune(args: argparse.Namespace, command: str) -> int:
     _check_budget_args(args)
     if args.lora_rank is not None and args.method != "lora":
         raise CLIError("--lora-rank applies to --method lora only")
+    if args.score_steps is not None and args.method != "sparsegrad":
+        raise CLIError("--score-steps applies to --method sparsegrad only (the other methods do not calibrate)")
     from .distributed import env_world_size
     from .train import finetune
 
@@ -379,8 +384,8 @@ def cmd_finetune(args: argparse.Namespace, command: str) -> int:
 def cmd_calibrate(args: argparse.Namespace, command: str) -> int:
     _check_data_args(args)
     _check_budget_args(args)
-    if args.score_steps < 0:
-        raise CLIError(f"--score-steps must be >= 0, got {args.score_steps}")
+    if args.score_steps is None:
+        args.score_steps = 2
     if args.task in DECODER_TASKS:
         raise CLIError("calibrate takes classifier tasks; a decoder `finetune --method sparsegrad` writes its bases "
                        "report into metrics.json")
@@ -458,7 +463,8 @@ def cmd_compare(args: argparse.Namespace, command: str) -> int:
     task = args.task or Path(args.train_file).stem
     out_dir = Path(args.output_dir) if args.output_dir else Path("runs") / f"compare-{task}"
     common = compare.common_finetune_args(args)
-    return compare.run_compare(methods, seeds, common, out_dir, lrs=lrs, overwrite=args.overwrite, command=command)
+    return compare.run_compare(methods, seeds, common, out_dir, lrs=lrs, overwrite=args.overwrite, command=command,
+                               score_steps=args.score_steps)
 
 
 def cmd_generate(args: argparse.Namespace, command: str) -> int:

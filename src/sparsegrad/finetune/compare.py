@@ -132,6 +132,7 @@ def common_finetune_args(args: Namespace) -> list[str]:
             "--weight-decay", repr(args.weight_decay), "--warmup-ratio", repr(args.warmup_ratio)]
     if args.max_steps is not None:
         out += ["--max-steps", str(args.max_steps)]
+
     if getattr(args, "every_nth_block", None) is not None:
         out += ["--every-nth-block", str(args.every_nth_block)]
     if getattr(args, "dtype", "float32") != "float32":
@@ -145,8 +146,9 @@ def run_dir_name(label: str, seed: int) -> str:
 
 def run_compare(methods: list[str], seeds: list[int], common: list[str], out_dir: Path, *,
                 lrs: dict[str, float] | None = None, overwrite: bool = False, command: str | None = None,
-                python: str | None = None) -> int:
-    """Run (or skip) every method x seed, then write the reports. Returns 0, or 1 if any run failed."""
+                python: str | None = None, score_steps: int | None = None) -> int:
+    """Run (or skip) every method x seed, then write the reports. Returns 0, or 1 if any run failed.
+    ``score_steps`` goes to the SparseGrad runs only (the others do not calibrate)."""
     lrs = lrs or {}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -164,6 +166,8 @@ def run_compare(methods: list[str], seeds: list[int], common: list[str], out_dir
                 "--output-dir", str(run_dir), *common, "--no-progress"]
         if method in ("sparsegrad", "meprop"):
             argv += ["--support", support]
+        if method == "sparsegrad" and score_steps is not None:
+            argv += ["--score-steps", str(score_steps)]
         lr = _lr_for(label, lrs)
         if lr is not None:
             argv += ["--lr", repr(lr)]

@@ -656,7 +656,8 @@ def finetune_lm(cfg: Any) -> dict[str, Any]:
             model, cfg.method, budget_k=cfg.k, density=cfg.density if cfg.k is None else None, support=cfg.support,
             train_scope=cfg.train_scope, layers_to_transform=layers, head_names=(),
             calibration_batches=first_epoch[: cfg.calibration_steps] if cfg.method == "sparsegrad" else None,
-            calibration_steps=cfg.calibration_steps, basis_sharing=cfg.basis_sharing, lora_rank=cfg.lora_rank,
+            calibration_steps=cfg.calibration_steps, score_steps=cfg.score_steps, basis_sharing=cfg.basis_sharing,
+            lora_rank=cfg.lora_rank,
             progress=cfg.progress,
         )
     except ValueError as exc:
@@ -775,6 +776,7 @@ def finetune_lm(cfg: Any) -> dict[str, Any]:
         "max_length": cfg.max_length,
         "max_steps": cfg.max_steps,
         "calibration_steps": cfg.calibration_steps if cfg.method == "sparsegrad" else 0,
+        "score_steps": prepared.score_steps,
         "num_train": len(data.train),
         "num_eval": len(data.eval),
         "prompt_format": data.prompt_format,

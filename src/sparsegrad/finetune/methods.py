@@ -60,6 +60,12 @@ DEFAULT_LR = {
 }
 
 
+def default_score_steps(support: str) -> int:
+    """Calibration batches re-run to score by default: a fixed support is chosen from them (2); with a dynamic one
+    they would only report the energy shares, so they are skipped (0) to keep calibration a small part of a run."""
+    return 2 if support == "fixed" else 0
+
+
 def default_lr(method: str, train_scope: str = "mlp") -> float:
     """The default learning rate of a method in a scope (see `DEFAULT_LR`)."""
     try:
@@ -90,6 +96,11 @@ class PreparedModel:
     config: sg.SparseGradConfig | None = None
     bases: sg.SparseGradBases | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def score_steps(self) -> int:
+        """Calibration batches that were re-run to score (0 unless SparseGrad calibrated in this setup)."""
+        return int(next(iter((self.bases_report or {}).values()), {}).get("score_steps", 0))
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON-friendly facts of the setup (no model, no tensors)."""
@@ -178,6 +189,7 @@ def prepare_method(
     target_modules: str | list[str] | None = None,
     calibration_batches: Iterable[Any] | None = None,
     calibration_steps: int | None = 4,
+    score_steps: int | None = None,
     head_names: Iterable[str] = DEFAULT_HEAD_NAMES,
     basis_sharing: str = "kind",
     lora_rank: int | None = None,
@@ -192,7 +204,8 @@ def prepare_method(
     ``budget_k`` (entries per matrix per step) overrides ``density``. The same budget drives every method: the
     sparse methods train exactly k entries per matrix per step, LoRA gets the rank with r*(in+out) closest to k,
     and ``full`` trains all entries (its k is the matrix size). ``calibration_batches`` are needed by
-    ``sparsegrad`` only (the first ``calibration_steps`` of them are used). ``support`` applies to the sparse
+    ``sparsegrad`` only (the first ``calibration_steps`` of them are used; ``score_steps`` of them are re-run
+    to report the top-k energy shares and choose a fixed support, default `default_score_steps`). ``support`` applies to the sparse
     methods. ``bases`` (``sparsegrad`` only) skips the calibration and converts with these bases (a resumed run's).
     ``calibration_options`` are passed on to `sg.estimate_bases` (``grad_accum``, ``all_reduce_grads``); with
     ``all_reduce_grads`` rank 0's bases are then broadcast (`sparsegrad.bases.broadcast_bases`) so that every rank
@@ -215,6 +228,7 @@ def prepare_method(
         support=support,
         basis_sharing=basis_sharing,
         layers_to_transform=layers_to_transform,
+        score_steps=default_score_steps(support) if score_steps is None else score_steps,
     )
     targets = find_targets(model, config)
     target_names = [n for n, _ in targets]

@@ -111,6 +111,9 @@ class FinetuneConfig:
     seed: int = 0
     max_length: int = 128
     calibration_steps: int = 4
+    score_steps: int | None = None
+    """Calibration batches re-run once the bases are known (energy report; a fixed support is chosen from them).
+    None: 2 with a fixed support, 0 with a dynamic one (where the re-run only reports)."""
     max_train: int | None = None
     max_eval: int | None = None
     eval_fraction: float = 0.2
@@ -169,6 +172,9 @@ class FinetuneConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise UsageError(f"{name} must be a positive integer, got {value!r}")
+        if self.score_steps is not None and (isinstance(self.score_steps, bool) or not isinstance(self.score_steps, int)
+                                             or self.score_steps < 0):
+            raise UsageError(f"score_steps must be an integer >= 0, got {self.score_steps!r}")
         if self.max_length < 8:
             raise UsageError(f"max_length must be at least 8, got {self.max_length}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
@@ -546,8 +552,8 @@ def _finetune_classifier(cfg: FinetuneConfig, ctx, block_indices) -> dict[str, A
         model, cfg.method, budget_k=cfg.k, density=cfg.density if cfg.k is None else None, support=cfg.support,
         train_scope=cfg.train_scope, calibration_batches=calibration, loss_fn=calib_loss,
         calibration_options=calib_options, bases=resume.bases if resume is not None else None,
-        calibration_steps=cfg.calibration_steps, basis_sharing=cfg.basis_sharing, lora_rank=cfg.lora_rank,
-        layers_to_transform=block_indices(model, cfg.every_nth_block), progress=progress,
+        calibration_steps=cfg.calibration_steps, score_steps=cfg.score_steps, basis_sharing=cfg.basis_sharing,
+        lora_rank=cfg.lora_rank, layers_to_transform=block_indices(model, cfg.every_nth_block), progress=progress,
     )
     model = prepared.model
     log(prepared.description)
@@ -770,6 +776,7 @@ def _finetune_classifier(cfg: FinetuneConfig, ctx, block_indices) -> dict[str, A
             "max_length": cfg.max_length,
             "max_steps": cfg.max_steps,
             "calibration_steps": cfg.calibration_steps if cfg.method == "sparsegrad" else 0,
+            "score_steps": prepared.score_steps,
             "num_train": len(data.train_texts),
             "num_eval": len(data.eval_texts),
             "num_labels": data.num_labels,
