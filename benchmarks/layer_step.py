@@ -6,6 +6,7 @@ to full training (nn.Linear + AdamW) and to LoRA (peft, rank r = round(k / (in +
 
     python benchmarks/layer_step.py --shapes 1536x384,384x1536 --tokens 512,2048,8192 --rounds 10
     python benchmarks/layer_step.py --shapes 11008x4096 --tokens 2048 --rounds 2 --warmup 1
+    python benchmarks/layer_step.py --shapes 1536x576,3072x768 --tokens 512,2048,8192,16384 --plot layer_step.png
 
 Shapes are OUTxIN (nn.Linear weight shape). Bases are random orthogonal matrices: the rotated gradient of random
 data is not concentrated, so a fixed support spans every row and column (the slowest case for the fixed mode).
@@ -103,6 +104,36 @@ def bench(out_f: int, in_f: int, tokens: int, args) -> list[tuple[str, float, fl
                for name, ts in times.items()]
 
 
+def plot(path: str, rows: list[tuple[str, int, str, float, float, float]]) -> None:
+    """One panel per shape: each variant's step time relative to full training and to LoRA, against tokens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r[0] for r in rows))
+    fig, axes = plt.subplots(2, len(shapes), figsize=(4.2 * len(shapes), 7), squeeze=False)
+    for col, shape in enumerate(shapes):
+        sel = [r for r in rows if r[0] == shape]
+        for name in dict.fromkeys(r[2] for r in sel):
+            pts = sorted((r[1], r[4], r[5]) for r in sel if r[2] == name)
+            for row, idx in ((0, 1), (1, 2)):
+                axes[row][col].plot([p[0] for p in pts], [p[idx] for p in pts], "o-", label=name)
+        for row, ref in ((0, "full (nn.Linear + AdamW)"), (1, "LoRA (peft)")):
+            ax = axes[row][col]
+            ax.set_xscale("log", base=2)
+            ax.axhline(1.0, color="k", lw=0.6)
+            ax.set_xlabel("tokens per step")
+            ax.set_ylabel(f"step time / {ref}")
+            ax.set_title(f"{shape}")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp", format="png", dpi=100)
+    import os
+
+    os.replace(path + ".tmp", path)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="1536x384,384x1536", help="comma list of OUTxIN")
@@ -113,6 +144,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--plot", default=None, help="also write this PNG (ratios against tokens, one panel per shape)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,13 +153,18 @@ def main(argv=None) -> None:
           f"padded rows {args.padded_share:.0%}, {args.rounds} interleaved rounds, medians")
     print("| shape (out x in) | tokens | variant | median step (ms) | / full | / LoRA |")
     print("|---|---|---|---|---|---|")
+    table = []
     for shape in args.shapes.split(","):
         out_f, in_f = (int(v) for v in shape.lower().split("x"))
         for tokens in (int(t) for t in args.tokens.split(",")):
             k, rows = bench(out_f, in_f, tokens, args)
             for name, med, to_full, to_lora in rows:
+                table.append((f"{out_f}x{in_f}", tokens, name, med, to_full, to_lora))
                 print(f"| {out_f}x{in_f} (k={k}) | {tokens} | {name} | {1000 * med:.1f} | {to_full:.2f} | "
                       f"{to_lora:.2f} |", flush=True)
+    if args.plot:
+        plot(args.plot, table)
+        print(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":
