@@ -1,6 +1,7 @@
 """Adapters: exact reload, fingerprint checks, corrupt files, atomic writes."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -124,10 +125,17 @@ def test_adapter_without_bases_needs_the_same_bases(tmp_path):
 
 
 @pytest.mark.parametrize("corrupt,msg", [
-    (lambda t, n: t.__setitem__(f"{n}.delta_indices", t[f"{n}.delta_indices"].float()), "integer indices"),
-    (lambda t, n: t[f"{n}.delta_values"].__setitem__(0, float("nan")), "NaN or infinite"),
+    (lambda t, n: t.__setitem__(f"{n}.delta_indices", t[f"{n}.delta_indices"].float()), "must be int32 or int64"),
+    (lambda t, n: t.__setitem__(f"{n}.delta_values", t[f"{n}.delta_values"].int()), "must be floating point"),
+    (lambda t, n: t[f"{n}.delta_values"].__setitem__(0, float("nan")), "delta_values hold NaN or inf"),
     (lambda t, n: t.__setitem__(f"{n}.delta_indices", t[f"{n}.delta_indices"].flip(0).contiguous()), "unsorted"),
-    (lambda t, n: t.pop("classifier.weight"), "lack the trained parameter"),
+    (lambda t, n: t[f"{n}.delta_indices"].__setitem__(-1, 10**7), "fall outside its"),
+    (lambda t, n: t.__setitem__(f"{n}.delta_indices", t[f"{n}.delta_indices"].view(1, -1)), "delta must be 1-D"),
+    (lambda t, n: t.pop(f"{n}.delta_values"), "lacks the delta of"),
+    (lambda t, n: t.pop("classifier.weight"), "lacks the trained parameter classifier.weight"),
+    (lambda t, n: t.__setitem__("classifier.weight", torch.zeros(1, 1)), "classifier.weight is [1, 1]"),
+    (lambda t, n: t["classifier.weight"].fill_(float("inf")), "classifier.weight holds NaN or inf"),
+    (lambda t, n: t[next(k for k in t if k.startswith("bases/"))].fill_(float("nan")), "holds NaN or inf"),
 ])
 def test_load_refuses_inconsistent_tensors(tmp_path, corrupt, msg):
     """A well-formed file with bad contents (rewritten with a matching checksum) is refused by name."""
@@ -145,5 +153,5 @@ def test_load_refuses_inconsistent_tensors(tmp_path, corrupt, msg):
     meta = json.loads((path / "adapter_config.json").read_text())
     meta["weights_sha256"] = sha256_bytes(blob)
     (path / "adapter_config.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=msg):
+    with pytest.raises(ValueError, match=re.escape(msg)):
         sg.load_adapter(make_tiny_bert(), path)

@@ -30,6 +30,66 @@ FORMAT = "sparsegrad-adapter"
 VERSION = 1
 
 
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_delta(name: str, indices: torch.Tensor | None, values: torch.Tensor | None, where: str,
+                shape: tuple[int, int] | list[int] | None = None) -> None:
+    """One SparseGrad layer's saved delta: integer 1-D indices, strictly increasing (and inside ``shape`` when
+    given); finite floating-point 1-D values, as many. No indices at all is a fixed support still pending.
+    Raises ValueError naming ``where`` and the tensor."""
+    if indices is None or values is None:
+        raise ValueError(f"{where} lacks the delta of {name} (delta_indices / delta_values)")
+    if indices.dtype not in INDEX_DTYPES:
+        raise ValueError(f"{where}: {name}.delta_indices is {indices.dtype}; indices must be int32 or int64 (the "
+                         "file was not written by sparsegrad or was edited)")
+    if not values.is_floating_point():
+        raise ValueError(f"{where}: {name}.delta_values is {values.dtype}; values must be floating point")
+    if indices.dim() != 1 or values.dim() != 1:
+        raise ValueError(f"{where}: {name} delta must be 1-D, got indices {tuple(indices.shape)} and values "
+                         f"{tuple(values.shape)}")
+    if indices.numel() and indices.numel() != values.numel():
+        raise ValueError(f"{where}: {name} has {indices.numel()} delta indices for {values.numel()} values")
+    if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
+        raise ValueError(f"{where}: {name}.delta_indices are not strictly increasing (unsorted or repeated "
+                         "entries); the file is damaged")
+    if shape is not None and indices.numel() and (int(indices[0]) < 0 or int(indices[-1]) >= shape[0] * shape[1]):
+        raise ValueError(f"{where}: {name}.delta_indices fall outside its {shape[0]}x{shape[1]} matrix")
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"{where}: {name}.delta_values hold NaN or inf; the adapter is unusable (retrain with a "
+                         "lower learning rate)")
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Every floating-point tensor is finite, or a ValueError names the first few that are not."""
+    bad = [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"{where}: {bad[:3]} hold NaN or inf; the file is unusable")
+
+
+def check_adapter_tensors(meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> None:
+    """The contents of an adapter, before anything is loaded: every listed layer's delta (`check_delta`), finite
+    bases, and every trained parameter the config lists, present, with its recorded shape, finite."""
+    layers = meta.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError(f"{where}: {CONFIG_NAME} lists no layers; the adapter is damaged")
+    shapes = (meta.get("base_fingerprint") or {}).get("target_shapes") or {}
+    for name in layers:
+        check_delta(name, tensors.get(f"{name}.delta_indices"), tensors.get(f"{name}.delta_values"), where,
+                    shapes.get(name))
+    bad_bases = [k for k, t in tensors.items() if k.startswith("bases/") and not bool(torch.isfinite(t).all())]
+    if bad_bases:
+        raise ValueError(f"{where}: {bad_bases[0]} holds NaN or inf; the adapter is damaged")
+    for name, shape in (meta.get("trainable_params") or {}).items():
+        t = tensors.get(name)
+        if t is None:
+            raise ValueError(f"{where} lacks the trained parameter {name} that {CONFIG_NAME} lists")
+        if list(t.shape) != list(shape):
+            raise ValueError(f"{where}: {name} is {list(t.shape)}, {CONFIG_NAME} records {list(shape)}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{where}: {name} holds NaN or inf; the adapter is unusable")
+
+
 def _weights_hash(weights: list[tuple[str, torch.Tensor]]) -> str:
     digest = hashlib.sha256()
     for name, w in weights:
@@ -106,7 +166,9 @@ def save_adapter(model: nn.Module, path: str | Path, *, save_bases: bool = True)
 
 
 def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read and check an adapter directory: (metadata, tensors)."""
+    """Read and check an adapter directory: (metadata, tensors). Checks the format, version and checksum, then
+    the contents (`check_adapter_tensors`): a damaged or hand-edited file is refused with a message naming the
+    tensor."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"adapter directory not found: {path}")
@@ -127,6 +189,7 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
             f"{path / WEIGHTS_NAME} does not match {CONFIG_NAME} (checksum differs): the files come from "
             "different saves or one was altered"
         )
+    check_adapter_tensors(meta, tensors, str(path / WEIGHTS_NAME))
     return meta, tensors
 
 
@@ -180,20 +243,10 @@ def load_adapter(base_model: nn.Module, path: str | Path, *, bases: SparseGradBa
         bases = SparseGradBases(factors=factors)
     get_sparsegrad_model(base_model, config, bases)
     state: dict[str, torch.Tensor] = {}
-    for name in layers:
-        try:
-            idx, vals = tensors[f"{name}.delta_indices"], tensors[f"{name}.delta_values"]
-        except KeyError:
-            raise ValueError(f"adapter weights lack the delta of {name}") from None
-        if idx.numel() != vals.numel() or idx.dim() != 1:
-            raise ValueError(f"adapter delta of {name} has {idx.numel()} indices for {vals.numel()} values")
-        state[f"{name}.delta_indices"] = idx
-        state[f"{name}.delta_values"] = vals.float()
-    for name, shape in meta["trainable_params"].items():
-        if name not in tensors:
-            raise ValueError(f"adapter weights lack the trained parameter {name!r} that its config lists")
-        if list(tensors[name].shape) != shape:
-            raise ValueError(f"adapter parameter {name} is {list(tensors[name].shape)}, its config says {shape}")
+    for name in layers:  # contents checked by read_adapter
+        state[f"{name}.delta_indices"] = tensors[f"{name}.delta_indices"]
+        state[f"{name}.delta_values"] = tensors[f"{name}.delta_values"].float()
+    for name in meta["trainable_params"]:
         state[name] = tensors[name]
     with torch.no_grad():
         layer_map = sparsegrad_layers(base_model)
@@ -205,17 +258,7 @@ def load_adapter(base_model: nn.Module, path: str | Path, *, bases: SparseGradBa
 
 
 def _load_delta(layer, indices: torch.Tensor, values: torch.Tensor, name: str) -> None:
-    n = layer.out_features * layer.in_features
-    if indices.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"adapter delta of {name} has {indices.dtype} indices; integer indices are required")
-    if not values.is_floating_point():
-        raise ValueError(f"adapter delta of {name} has {values.dtype} values; floating-point values are required")
-    if not bool(torch.isfinite(values).all()):
-        raise ValueError(f"adapter delta of {name} holds NaN or infinite values: the adapter is corrupt")
-    if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
-        raise ValueError(f"adapter delta of {name} has unsorted or repeated indices: the adapter is corrupt")
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
-        raise ValueError(f"adapter delta of {name} has indices outside its {layer.out_features}x{layer.in_features}")
+    # dtypes, order, range and finiteness were checked by read_adapter (check_adapter_tensors)
     if layer.support == "fixed" and indices.numel() not in (0, layer.k):
         raise ValueError(f"adapter delta of {name} has {indices.numel()} entries, its fixed support needs {layer.k}")
     device = layer.weight.device

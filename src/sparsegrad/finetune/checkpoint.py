@@ -79,7 +79,7 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
     """Load `trainable_state` tensors back into a model set up the same way; every tensor must find its place."""
-    from .validate import check_delta, check_finite
+    from sparsegrad.adapter import check_delta, check_finite
 
     try:
         for name in sg.sparsegrad_layers(model):

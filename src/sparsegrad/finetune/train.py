@@ -881,9 +881,6 @@ def load_finetuned(adapter_dir: str | os.PathLike, model: str | None = None, *, 
     method = info["method"]
     try:
         if method in ("sparsegrad", "meprop"):
-            from .validate import check_sparsegrad_adapter
-
-            check_sparsegrad_adapter(adapter_dir)  # dtypes, shapes, order, finiteness: what load_adapter trusts
             sg.load_adapter(base, adapter_dir)
             result = sg.merge_and_unload(base) if merge else base
         elif method == "lora":
