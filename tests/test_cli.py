@@ -44,6 +44,8 @@ def _err(capsys, argv):
     (["finetune", "--score-steps", "-1"], "expected an integer >= 0"),
     (["finetune", "--method", "lora", "--score-steps", "1"], "sparsegrad: error: --score-steps applies to --method sparsegrad only"),
     (["calibrate", "--score-steps", "two"], "expected an integer >= 0"),
+    (["finetune", "--method", "full", "--basis-sharing", "layer"], "--basis-sharing applies to --method sparsegrad only"),
+    (["compare", "--basis-sharing", "block"], "invalid choice: 'block'"),
     (["merge", "--adapter", "/nonexistent/adapter", "--output", "x"], "sparsegrad: error: --adapter /nonexistent/adapter: no such folder"),
     (["merge", "--output", "x"], "the following arguments are required: --adapter"),
     (["compare", "--methods", "full,dora"], "sparsegrad: error: unknown method 'dora' in --methods"),
@@ -142,7 +144,7 @@ def test_compare_tiny(tiny, tmp_path, capsys):
     out = tmp_path / "cmp"
     argv = ["compare", "--methods", "lora,sparsegrad", "--seeds", "0", "--model", str(model_dir), "--train-file",
             str(train), "--max-length", "32", "--batch-size", "8", "--max-steps", "3", "--density", "0.05",
-            "--lr", "lora=2e-3", "--score-steps", "1", "--output-dir", str(out)]
+            "--lr", "lora=2e-3", "--score-steps", "1", "--basis-sharing", "layer", "--output-dir", str(out)]
     assert main(argv) == 0
     results = (out / "results.md").read_text()
     assert (out / "comparison.png").stat().st_size > 10_000
@@ -154,7 +156,9 @@ def test_compare_tiny(tiny, tmp_path, capsys):
         assert m["train_steps"] == 3 and m["num_train"] == 48
     assert json.loads((out / "lora-s0" / "metrics.json").read_text())["lr"] == 2e-3
     # --score-steps reaches the SparseGrad run only (LoRA would refuse it)
-    assert json.loads((out / "sparsegrad-s0" / "metrics.json").read_text())["score_steps"] == 1
+    sparse = json.loads((out / "sparsegrad-s0" / "metrics.json").read_text())
+    assert sparse["score_steps"] == 1 and sparse["basis_sharing"] == "layer"
+    assert len(sparse["bases_report"]) == sparse["mlp_matrices"]  # one basis pair per matrix
     assert json.loads((out / "lora-s0" / "metrics.json").read_text())["score_steps"] == 0
     capsys.readouterr()
     assert main(argv) == 0  # resumable: both runs are skipped

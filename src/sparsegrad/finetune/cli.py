@@ -112,6 +112,9 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="calibration batches re-run once the bases are known, to report the top-k energy share "
                         "(rotated vs original) and to choose a fixed support (default: 2 with --support fixed, 0 "
                         "with dynamic, where the score only reports; calibrate: 2)")
+    g.add_argument("--basis-sharing", choices=("kind", "layer"), default=None,
+                   help="SparseGrad: one basis pair per kind of MLP matrix shared by all blocks (kind, the paper; "
+                        "default) or one pair per matrix (layer)")
     g.add_argument("--every-nth-block", type=_positive_int, default=None,
                    help="adapt the MLPs of blocks 0, n, 2n, ... only (default: every block; the paper's LLaMA "
                         "runs use 3)")
@@ -196,8 +199,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_budget_args(cal)
     cal.add_argument("--support", choices=("dynamic", "fixed"), default="dynamic",
                      help="fixed also stores a support per matrix, chosen from the calibration gradients")
-    cal.add_argument("--basis-sharing", choices=("kind", "layer"), default="kind",
-                     help="one basis pair per kind of matrix shared by all blocks (kind, the paper) or per matrix")
     cal.add_argument("--batch-size", type=_positive_int, default=16, help="examples per batch (default 16)")
     cal.add_argument("--output-dir", default=None, help="where bases.safetensors goes (default runs/calibrate-<task>-s<seed>)")
     cal.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -293,7 +294,7 @@ def _finetune_config(args: argparse.Namespace, command: str | None = None):
         train_scope=args.train_scope, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
         lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, seed=args.seed,
         max_length=args.max_length, calibration_steps=args.calibration_steps, score_steps=args.score_steps,
-        max_train=args.max_train or None, max_eval=args.max_eval or None, lora_rank=args.lora_rank,
+        basis_sharing=args.basis_sharing or "kind", max_train=args.max_train or None, max_eval=args.max_eval or None, lora_rank=args.lora_rank,
         every_nth_block=args.every_nth_block, prompt_column=args.prompt_column,
         response_column=args.response_column, dtype=args.dtype,
         output_dir=args.output_dir, progress=not args.no_progress, command=command,
@@ -350,8 +351,10 @@ def cmd_finetune(args: argparse.Namespace, command: str) -> int:
     _check_budget_args(args)
     if args.lora_rank is not None and args.method != "lora":
         raise CLIError("--lora-rank applies to --method lora only")
-    if args.score_steps is not None and args.method != "sparsegrad":
-        raise CLIError("--score-steps applies to --method sparsegrad only (the other methods do not calibrate)")
+    for flag in ("score_steps", "basis_sharing"):
+        if getattr(args, flag) is not None and args.method != "sparsegrad":
+            raise CLIError(f"--{flag.replace('_', '-')} applies to --method sparsegrad only (the other methods do "
+                           "not calibrate)")
     from .distributed import env_world_size
     from .train import finetune
 
@@ -386,6 +389,7 @@ def cmd_calibrate(args: argparse.Namespace, command: str) -> int:
     _check_budget_args(args)
     if args.score_steps is None:
         args.score_steps = 2
+    args.basis_sharing = args.basis_sharing or "kind"
     if args.task in DECODER_TASKS:
         raise CLIError("calibrate takes classifier tasks; a decoder `finetune --method sparsegrad` writes its bases "
                        "report into metrics.json")
@@ -463,8 +467,10 @@ def cmd_compare(args: argparse.Namespace, command: str) -> int:
     task = args.task or Path(args.train_file).stem
     out_dir = Path(args.output_dir) if args.output_dir else Path("runs") / f"compare-{task}"
     common = compare.common_finetune_args(args)
+    sparsegrad_only = [arg for flag in ("score_steps", "basis_sharing") if getattr(args, flag) is not None
+                       for arg in ("--" + flag.replace("_", "-"), str(getattr(args, flag)))]
     return compare.run_compare(methods, seeds, common, out_dir, lrs=lrs, overwrite=args.overwrite, command=command,
-                               score_steps=args.score_steps)
+                               sparsegrad_args=sparsegrad_only)
 
 
 def cmd_generate(args: argparse.Namespace, command: str) -> int:

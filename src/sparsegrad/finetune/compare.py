@@ -146,9 +146,9 @@ def run_dir_name(label: str, seed: int) -> str:
 
 def run_compare(methods: list[str], seeds: list[int], common: list[str], out_dir: Path, *,
                 lrs: dict[str, float] | None = None, overwrite: bool = False, command: str | None = None,
-                python: str | None = None, score_steps: int | None = None) -> int:
+                python: str | None = None, sparsegrad_args: list[str] | None = None) -> int:
     """Run (or skip) every method x seed, then write the reports. Returns 0, or 1 if any run failed.
-    ``score_steps`` goes to the SparseGrad runs only (the others do not calibrate)."""
+    ``sparsegrad_args`` (finetune flags such as ``--score-steps 1``) go to the SparseGrad runs only."""
     lrs = lrs or {}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -166,8 +166,8 @@ def run_compare(methods: list[str], seeds: list[int], common: list[str], out_dir
                 "--output-dir", str(run_dir), *common, "--no-progress"]
         if method in ("sparsegrad", "meprop"):
             argv += ["--support", support]
-        if method == "sparsegrad" and score_steps is not None:
-            argv += ["--score-steps", str(score_steps)]
+        if method == "sparsegrad":
+            argv += list(sparsegrad_args or [])
         lr = _lr_for(label, lrs)
         if lr is not None:
             argv += ["--lr", repr(lr)]

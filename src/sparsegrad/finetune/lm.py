@@ -777,6 +777,7 @@ def finetune_lm(cfg: Any) -> dict[str, Any]:
         "max_steps": cfg.max_steps,
         "calibration_steps": cfg.calibration_steps if cfg.method == "sparsegrad" else 0,
         "score_steps": prepared.score_steps,
+        "basis_sharing": cfg.basis_sharing if cfg.method == "sparsegrad" else None,
         "num_train": len(data.train),
         "num_eval": len(data.eval),
         "prompt_format": data.prompt_format,

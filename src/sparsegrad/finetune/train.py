@@ -777,6 +777,7 @@ def _finetune_classifier(cfg: FinetuneConfig, ctx, block_indices) -> dict[str, A
             "max_steps": cfg.max_steps,
             "calibration_steps": cfg.calibration_steps if cfg.method == "sparsegrad" else 0,
             "score_steps": prepared.score_steps,
+            "basis_sharing": cfg.basis_sharing if cfg.method == "sparsegrad" else None,
             "num_train": len(data.train_texts),
             "num_eval": len(data.eval_texts),
             "num_labels": data.num_labels,
