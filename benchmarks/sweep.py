@@ -159,8 +159,9 @@ def main() -> None:
     p.add_argument("--densities", default="0.0025,0.005,0.01,0.02,0.04", help="budget mode: comma list")
     p.add_argument("--density", type=float, default=0.01, help="lr mode: the budget")
     p.add_argument("--grid", default="full=3e-4,1e-3,3e-3;lora=3e-3,1e-2,3e-2;meprop=1e-3,3e-3,1e-2;"
-                   "sparsegrad=1e-3,3e-3,1e-2;sparsegrad-fixed=1e-3,3e-3,1e-2",
-                   help="lr mode: method=lr,lr;method=lr,... ")
+                   "sparsegrad=1e-3,3e-3,1e-2",
+                   help="lr mode: method=lr,lr;method=lr,... (sparsegrad's rate also serves sparsegrad-fixed in "
+                        "`compare --lr sparsegrad=...`)")
     p.add_argument("--seeds", default="0")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--calibration-steps", type=int, default=4)
