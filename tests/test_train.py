@@ -158,8 +158,9 @@ def test_real_minilm_bbc_through_cli(tmp_path, capsys):
     assert m["num_train"] == 32 and m["num_eval"] == 32 and m["train_steps"] == 2 and m["num_labels"] == 5
     assert m["k"] == round(0.01 * 1536 * 384) and m["mlp_matrices"] == 12
     assert m["command"].startswith("sparsegrad finetune")
-    # dynamic support by default: no scoring re-run, so calibration is only the 4 gradient passes
+    # dynamic support by default: no scoring re-run, so calibration is only the 2 gradient passes
     assert m["score_steps"] == 0 and "energy_topk_rotated" not in next(iter(m["bases_report"].values()))
+    assert m["calibration_steps"] == 2 and next(iter(m["bases_report"].values()))["steps"] == 2
     assert len((out / "loss.csv").read_text().strip().splitlines()) == 3
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 

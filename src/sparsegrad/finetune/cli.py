@@ -106,8 +106,9 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="entries of each MLP matrix that train per step, as a share in (0, 1] (default 0.01); "
                         "LoRA gets the rank with r*(in+out) closest to it")
     g.add_argument("--k", type=_positive_int, default=None, help="entries per MLP matrix per step (instead of --density)")
-    g.add_argument("--calibration-steps", type=_positive_int, default=4,
-                   help="training batches used to estimate the SparseGrad bases (default 4)")
+    g.add_argument("--calibration-steps", type=_positive_int, default=2,
+                   help="training batches used to estimate the SparseGrad bases (default 2: 4 keep 0.01 more of the "
+                        "top-1%% gradient energy at twice the cost, see docs/benchmarks.md)")
     g.add_argument("--score-steps", type=_non_negative_int, default=None,
                    help="calibration batches re-run once the bases are known, to report the top-k energy share "
                         "(rotated vs original) and to choose a fixed support (default: 2 with --support fixed, 0 "

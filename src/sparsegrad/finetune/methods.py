@@ -188,7 +188,7 @@ def prepare_method(
     train_scope: str = "mlp",
     target_modules: str | list[str] | None = None,
     calibration_batches: Iterable[Any] | None = None,
-    calibration_steps: int | None = 4,
+    calibration_steps: int | None = 2,
     score_steps: int | None = None,
     head_names: Iterable[str] = DEFAULT_HEAD_NAMES,
     basis_sharing: str = "kind",

@@ -110,7 +110,7 @@ class FinetuneConfig:
     warmup_ratio: float = 0.0
     seed: int = 0
     max_length: int = 128
-    calibration_steps: int = 4
+    calibration_steps: int = 2
     score_steps: int | None = None
     """Calibration batches re-run once the bases are known (energy report; a fixed support is chosen from them).
     None: 2 with a fixed support, 0 with a dynamic one (where the re-run only reports)."""
@@ -917,7 +917,7 @@ def calibrate(*, model: str | None = None, task: str | None = "bbc", train_file:
               eval_file: str | None = None, text_column: str = "text", label_column: str = "label",
               max_train: int | None = None, max_length: int = 128, batch_size: int = 16, seed: int = 0,
               density: float | None = 0.01, k: int | None = None, support: str = "dynamic",
-              basis_sharing: str = "kind", calibration_steps: int = 4, score_steps: int = 2,
+              basis_sharing: str = "kind", calibration_steps: int = 2, score_steps: int = 2,
               target_modules: str | None = None, output_dir: str | os.PathLike = "runs/calibrate",
               progress: bool = True) -> tuple[dict[str, Any], Path, float]:
     """Estimate the SparseGrad bases on the first ``calibration_steps`` training batches (the batches `finetune`
