@@ -74,11 +74,11 @@ def refresh(model, layers, optimizer, grads) -> None:
 
 
 def run(args, every: int) -> dict:
-    data = load_task("bbc", seed=0, max_train=args.max_train, max_eval=400)
-    torch.manual_seed(0)
+    data = load_task("bbc", seed=args.seed, max_train=args.max_train, max_eval=400)
+    torch.manual_seed(args.seed)
     model, tok = load_classifier("minilm", num_labels=data.num_labels)
     epochs = [make_batches(tok, data.train_texts, data.train_labels, batch_size=16, max_length=128, shuffle=True,
-                           seed=0, epoch=e) for e in range(args.epochs)]
+                           seed=args.seed, epoch=e) for e in range(args.epochs)]
     evals = make_batches(tok, data.eval_texts, data.eval_labels, batch_size=64, max_length=128, shuffle=False)
     model.train()
     prep = prepare_method(model, "sparsegrad", density=0.01, calibration_batches=epochs[0][: args.calib_steps],
@@ -89,7 +89,7 @@ def run(args, every: int) -> dict:
     optimizer = sg.create_optimizer(model, lr=args.lr)
     total = sum(len(b) for b in epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total, 0))
-    torch.manual_seed(1)
+    torch.manual_seed(args.seed + 1)
     step, shares, losses, start = 0, [], [], time.perf_counter()
     for e, batches in enumerate(epochs):
         for i, batch in enumerate(batches):
@@ -120,11 +120,12 @@ def main() -> None:
     p.add_argument("--calib-steps", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--max-train", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0, help="split, head initialisation, batch order and dropout")
     p.add_argument("--out", default=None, help="also write the markdown table here")
     args = p.parse_args()
     rows = [run(args, 0), run(args, args.every)]
     lines = [f"Command: `python benchmarks/refresh.py --epochs {args.epochs} --every {args.every} --calib-steps "
-             f"{args.calib_steps} --lr {args.lr:g}` (MiniLM-L6, BBC {args.max_train} / 400, scope mlp, dynamic, 1 %, "
+             f"{args.calib_steps} --lr {args.lr:g} --seed {args.seed}` (MiniLM-L6, BBC {args.max_train} / 400, scope mlp, dynamic, 1 %, "
              f"{args.calib_steps} calibration batches at the start and at each refresh)", "",
              "| bases | held-out accuracy | held-out loss | train loss (last 8 steps) | time (s) |", "|---|---|---|---|---|"]
     for r in rows:
