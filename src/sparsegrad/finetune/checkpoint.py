@@ -25,7 +25,6 @@ import re
 import shutil
 import signal
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 import sparsegrad as sg
-from sparsegrad.io import atomic_write_bytes, read_safetensors
+from sparsegrad.io import atomic_directory, atomic_write_bytes, read_safetensors
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -165,8 +164,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: nn.Modul
     root = checkpoints_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.tmp-", dir=root))
-    try:
+    with atomic_directory(final) as tmp:  # the same step written again (a resumed run) is swapped in
         atomic_write_bytes(tmp / MODEL_FILE, st_save(tensors, metadata={"format": FORMAT}))
         if bases is not None:
             bases.save(tmp / BASES_FILE)
@@ -174,16 +172,6 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: nn.Modul
         _torch_save(tmp / RNG_FILE, {"ranks": rng_states})
         record = {"format": FORMAT, "version": VERSION, **state}
         atomic_write_bytes(tmp / STATE_FILE, (json.dumps(record, indent=1) + "\n").encode())
-        old = None
-        if final.exists():  # the same step written again (a resumed run): swap, then drop the old one
-            old = Path(tempfile.mkdtemp(prefix=f".step-{step}.old-", dir=root))
-            os.replace(final, old / final.name)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     for _, path in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(path, ignore_errors=True)
     for child in root.iterdir():  # leftovers of writers killed half-way

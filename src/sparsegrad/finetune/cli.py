@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -38,6 +36,7 @@ PROG = "sparsegrad"
 METHOD_CHOICES = ("sparsegrad", "lora", "meprop", "full")
 TASK_CHOICES = ("bbc", "tweets", "bbc-instruct", "shakespeare")
 DECODER_TASKS = ("bbc-instruct", "shakespeare")
+SPARSEGRAD_ONLY_FLAGS = ("score_steps", "basis_sharing")  # calibration flags: refused for, or not passed to, others
 DEFAULT_MAX_TRAIN = 512
 DEFAULT_MAX_EVAL = 400
 DEFAULT_MAX_EVAL_LM = 100
@@ -352,7 +351,7 @@ def cmd_finetune(args: argparse.Namespace, command: str) -> int:
     _check_budget_args(args)
     if args.lora_rank is not None and args.method != "lora":
         raise CLIError("--lora-rank applies to --method lora only")
-    for flag in ("score_steps", "basis_sharing"):
+    for flag in SPARSEGRAD_ONLY_FLAGS:
         if getattr(args, flag) is not None and args.method != "sparsegrad":
             raise CLIError(f"--{flag.replace('_', '-')} applies to --method sparsegrad only (the other methods do "
                            "not calibrate)")
@@ -431,22 +430,15 @@ def cmd_merge(args: argparse.Namespace, command: str) -> int:
     if args.model is not None and args.model not in ("minilm", "smollm2") and not Path(args.model).is_dir():
         raise CLIError(f"--model {args.model}: neither a bundled model (minilm, smollm2) nor an existing model folder "
                        "(hub names are not downloaded)")
+    from sparsegrad.io import atomic_directory
+
     from .models import quiet_transformers
     from .train import load_finetuned
 
     model, tokenizer, info = load_finetuned(adapter, args.model, merge=True)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
-        with quiet_transformers():
-            model.save_pretrained(str(tmp))
-            tokenizer.save_pretrained(str(tmp))
-        if output.exists():
-            shutil.rmtree(output) if output.is_dir() else output.unlink()
-        os.replace(tmp, output)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_directory(output) as tmp, quiet_transformers():
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
     if info.get("model_kind") == "causal-lm":
         print(f"merged {info['method']} adapter {adapter} into {info['model']} ({info['task']}) -> {output}")
         print(f"load it with: AutoModelForCausalLM.from_pretrained({str(output)!r})")
@@ -468,7 +460,7 @@ def cmd_compare(args: argparse.Namespace, command: str) -> int:
     task = args.task or Path(args.train_file).stem
     out_dir = Path(args.output_dir) if args.output_dir else Path("runs") / f"compare-{task}"
     common = compare.common_finetune_args(args)
-    sparsegrad_only = [arg for flag in ("score_steps", "basis_sharing") if getattr(args, flag) is not None
+    sparsegrad_only = [arg for flag in SPARSEGRAD_ONLY_FLAGS if getattr(args, flag) is not None
                        for arg in ("--" + flag.replace("_", "-"), str(getattr(args, flag)))]
     return compare.run_compare(methods, seeds, common, out_dir, lrs=lrs, overwrite=args.overwrite, command=command,
                                sparsegrad_args=sparsegrad_only)

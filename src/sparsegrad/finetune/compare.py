@@ -28,7 +28,7 @@ from typing import Any
 from . import lm_compare
 from .cli import CLIError
 from .metrics import format_mean_std as _ms
-from .metrics import human_bytes, mean_std
+from .metrics import human_bytes, mean_std, write_run_checks
 from .metrics import mean_or_none as _mean
 
 # label -> (finetune --method, --support)
@@ -244,17 +244,9 @@ def write_results_md(path: Path, results: dict[str, list[dict[str, Any]]], metho
           f"{first['max_length']}, scope `{first['train_scope']}`, budget {budget} per MLP matrix "
           f"({first['mlp_matrices']} matrices, {first['mlp_entries']:,d} entries). Seeds: "
           f"{', '.join(map(str, seeds))}.\n\n")
-        keys = ("num_train", "num_eval", "train_steps", "batch_size", "max_length", "train_scope")
-        differ = [k for k in keys if len({m.get(k) for m in all_runs}) > 1]
-        if differ:
-            w(f"**Warning: runs differ in {', '.join(differ)}; the comparison is not like for like.**\n\n")
-        else:
-            w("All runs share the data, the number of steps and the batch size; runs of one seed also share the "
-              "split, the head initialisation, the batch order and the dropout stream.\n\n")
-    if failed:
-        w(f"**Failed runs:** {', '.join(failed)} (see their run.log).\n\n")
-    ref_label = "lora" if "lora" in results else (methods[0] if methods else None)
-    ref_time = _mean([m["step_time_median_s"] for m in results.get(ref_label, [])]) if ref_label else None
+    ref_label, ref_time = write_run_checks(
+        w, all_runs, ("num_train", "num_eval", "train_steps", "batch_size", "max_length", "train_scope"),
+        "split, the head initialisation, the batch order and the dropout stream", failed, results, methods)
     w(f"| method | runs | accuracy | macro-F1 | eval loss | lr | median step (s) | step time / {ref_label} | "
       "peak RSS (MB) | train state | entries / step | entries ever updated | adapter |\n")
     w("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")

@@ -589,10 +589,10 @@ def finetune_lm(cfg: Any) -> dict[str, Any]:
         UsageError,
         _versions,
         count_entries_updated,
-        linear_schedule,
         mlp_matrices,
         save_trained,
         seed_everything,
+        start_optimization,
         write_json,
         write_loss_csv,
     )
@@ -666,15 +666,9 @@ def finetune_lm(cfg: Any) -> dict[str, Any]:
     log(prepared.description + (f"; blocks {layers}" if layers is not None else ""))
     log(f"trainable entries per step: {prepared.trainable_entries:,d} of {prepared.total_params:,d} "
         f"({100 * prepared.trainable_entries / prepared.total_params:.4f}%)")
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    initial = None
-    if cfg.method == "full":
-        initial = {n: w.detach().clone() for n, w in mlp_matrices(model, prepared.target_names).items()}
 
-    # 4. Optimizer and schedule (as the classifier path).
-    optimizer = sg.create_optimizer(model, lr=lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, warmup_steps))
+    # 4. Seeds, optimizer and schedule (as the classifier path).
+    initial, optimizer, scheduler = start_optimization(prepared, cfg, lr, total_steps, warmup_steps)
 
     # 5. The loop.
     losses: list[float] = []

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .metrics import format_mean_std as _ms
-from .metrics import human_bytes, mean_std
+from .metrics import human_bytes, mean_std, write_run_checks
 from .metrics import mean_or_none as _mean
 
 
@@ -50,18 +50,9 @@ def write_lm_results_md(path: Path, results: dict[str, list[dict[str, Any]]], me
           f"`{first['train_scope']}`, {first.get('dtype', 'float32')} weights, MLPs of {blocks} "
           f"({first['mlp_matrices']} matrices, {first['mlp_entries']:,d} entries), budget {budget} per matrix. "
           f"Seeds: {', '.join(map(str, seeds))}.\n\n")
-        keys = ("num_train", "num_eval", "train_steps", "batch_size", "max_length", "train_scope", "dtype",
-                "every_nth_block")
-        differ = [k for k in keys if len({str(m.get(k)) for m in all_runs}) > 1]
-        if differ:
-            w(f"**Warning: runs differ in {', '.join(differ)}; the comparison is not like for like.**\n\n")
-        else:
-            w("All runs share the data, the number of steps and the batch size; runs of one seed also share the "
-              "split and the batch order.\n\n")
-    if failed:
-        w(f"**Failed runs:** {', '.join(failed)} (see their run.log).\n\n")
-    ref_label = "lora" if "lora" in results else (methods[0] if methods else None)
-    ref_time = _mean([m["step_time_median_s"] for m in results.get(ref_label, [])]) if ref_label else None
+    ref_label, ref_time = write_run_checks(
+        w, all_runs, ("num_train", "num_eval", "train_steps", "batch_size", "max_length", "train_scope", "dtype",
+                      "every_nth_block"), "split and the batch order", failed, results, methods)
     quality_cols = "exact match | held-out loss (answer tokens) |" if chat else "perplexity | held-out loss |"
     w(f"| method | runs | {quality_cols} lr | median step (s) | step time / {ref_label} | peak RSS (MB) | "
       "train state | entries / step | entries ever updated | adapter |\n")

@@ -132,3 +132,22 @@ def format_mean_std(values: Sequence[float | None], fmt: str) -> str:
 def mean_or_none(values: Sequence[float | None]) -> float | None:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
+
+
+def write_run_checks(w, all_runs: Sequence[dict], keys: Sequence[str], shared_by_seed: str, failed: Sequence[str],
+                     results: dict[str, list[dict]], methods: Sequence[str]) -> tuple[str | None, float | None]:
+    """The lines every compare report writes after its data paragraph: a warning if the runs differ in ``keys``
+    (else what they share: ``shared_by_seed`` names what runs of one seed also share) and the failed runs.
+    Returns the reference method for step-time ratios (LoRA when present) and its mean median step."""
+    if all_runs:
+        differ = [k for k in keys if len({str(m.get(k)) for m in all_runs}) > 1]
+        if differ:
+            w(f"**Warning: runs differ in {', '.join(differ)}; the comparison is not like for like.**\n\n")
+        else:
+            w("All runs share the data, the number of steps and the batch size; runs of one seed also share the "
+              f"{shared_by_seed}.\n\n")
+    if failed:
+        w(f"**Failed runs:** {', '.join(failed)} (see their run.log).\n\n")
+    ref_label = "lora" if "lora" in results else (methods[0] if methods else None)
+    ref_time = mean_or_none([m["step_time_median_s"] for m in results.get(ref_label, [])]) if ref_label else None
+    return ref_label, ref_time

@@ -29,9 +29,7 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import sparsegrad as sg
-from sparsegrad.io import atomic_write_bytes, read_safetensors
+from sparsegrad.io import atomic_directory, atomic_write_bytes, read_safetensors
 
 from . import metrics as M
 from .methods import (
@@ -276,6 +274,22 @@ def mlp_matrices(model: nn.Module, target_names: list[str]) -> dict[str, torch.T
     return out
 
 
+def start_optimization(prepared, cfg, lr: float, total_steps: int, warmup_steps: int):
+    """After `prepare_method`, shared by the classifier and decoder loops: reset the seeds (the same dropout stream
+    for every method from here on: calibration and LoRA's init consumed RNG draws), keep the full method's starting
+    MLP weights (to count the entries training changes), and build the optimizer (AdamW for everything dense, the
+    lazy sparse Adam for dynamic SparseGrad weights) and the linear schedule.
+    Returns (initial MLP weights or None, optimizer, scheduler)."""
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    initial = None
+    if cfg.method == "full":
+        initial = {n: w.detach().clone() for n, w in mlp_matrices(prepared.model, prepared.target_names).items()}
+    optimizer = sg.create_optimizer(prepared.model, lr=lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, warmup_steps))
+    return initial, optimizer, scheduler
+
+
 @torch.no_grad()
 def count_entries_updated(prepared, initial: dict[str, torch.Tensor] | None) -> int:
     """Distinct entries of the adapted MLP matrices that training changed."""
@@ -315,21 +329,9 @@ def save_trained(prepared, adapter_dir: Path, task_info: dict[str, Any]) -> int:
     """Write the adapter (and ``task.json``) into a fresh folder beside ``adapter_dir``, then rename it into place.
     Returns the adapter's size in bytes (its files, not counting ``task.json`` and peft's README)."""
     adapter_dir = Path(adapter_dir)
-    adapter_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.tmp-", dir=adapter_dir.parent))
-    try:
+    with atomic_directory(adapter_dir) as tmp:
         _write_adapter_files(prepared, tmp)
         atomic_write_bytes(tmp / TASK_FILE, (json.dumps(task_info, indent=2) + "\n").encode())
-        old = None
-        if adapter_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.old-", dir=adapter_dir.parent))
-            os.replace(adapter_dir, old / "adapter")
-        os.replace(tmp, adapter_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return sum(f.stat().st_size for f in adapter_dir.iterdir()
                if f.is_file() and f.name not in (TASK_FILE, "README.md"))
 
@@ -562,16 +564,8 @@ def _finetune_classifier(cfg: FinetuneConfig, ctx, block_indices) -> dict[str, A
     if ctx.enabled or cfg.grad_accum > 1:
         log(f"global batch {global_batch} = {cfg.batch_size} per micro-batch x {ctx.world} process(es) x "
             f"{cfg.grad_accum} micro-batch(es) per step")
-    # Same dropout stream for every method from here on (calibration and LoRA's init consumed RNG draws).
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    initial = None
-    if cfg.method == "full":
-        initial = {n: w.detach().clone() for n, w in mlp_matrices(model, prepared.target_names).items()}
-
-    # 4. Optimizer (AdamW for everything dense; the lazy sparse Adam for dynamic SparseGrad weights), schedule.
-    optimizer = sg.create_optimizer(model, lr=lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, warmup_steps))
+    # 4. Seeds, optimizer (AdamW for everything dense; the lazy sparse Adam for dynamic SparseGrad weights), schedule.
+    initial, optimizer, scheduler = start_optimization(prepared, cfg, lr, total_steps, warmup_steps)
 
     # 5. Where to start: a fresh run, or the checkpoint's trained state, optimizer, schedule, RNG and position.
     losses: list[float] = []
