@@ -3,6 +3,7 @@ that peak memory is honest): median step time, steps/s, peak memory, exact train
 
     python benchmarks/e2e_step.py --method sparsegrad --model minilm --batch-size 16 --length 128
     python benchmarks/e2e_step.py --method lora --model bert-base --device cuda      # random-init BERT-base
+    python benchmarks/e2e_step.py --table runs.jsonl     # markdown table of such JSON lines, ratios per scope
     for m in full lora meprop sparsegrad sparsegrad-fixed; do python benchmarks/e2e_step.py --method $m; done
 
 Peak memory: `torch.cuda.max_memory_allocated` on CUDA, peak RSS (ru_maxrss) on CPU. Tokens are random ids (time
@@ -26,13 +27,41 @@ from sparsegrad.finetune.methods import prepare_method
 def build_model(name: str, num_labels: int):
     from transformers import BertConfig, BertForSequenceClassification
 
-    if name == "bert-base":  # BERT-base shape, random init: time and memory only
-        cfg = BertConfig(num_labels=num_labels)
+    if name in ("bert-base", "tiny"):  # random init: time and memory only ("tiny": a smoke test of this script)
+        cfg = BertConfig(num_labels=num_labels) if name == "bert-base" else BertConfig(
+            num_labels=num_labels, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=2, vocab_size=2000)
         torch.manual_seed(0)
         return BertForSequenceClassification(cfg)
     from sparsegrad.finetune.models import load_classifier
 
     return load_classifier(name, num_labels)[0]
+
+
+def table(path: str) -> None:
+    """Markdown table of e2e_step JSON lines: per scope, each method's steps/s and peak memory, with ratios to full
+    fine-tuning and to LoRA of the same scope."""
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    good = [r for r in rows if "error" not in r]
+    if good:
+        r0 = good[0]
+        print(f"{r0['device_name']}, {r0['model']}, batch {r0['batch']}, peak memory = {r0['peak_memory_kind']}")
+    print("| scope | method | steps/s | step / full | step / LoRA | peak memory (MB) | / full | / LoRA "
+          "| training state (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['scope']} | {r['method']} | {r['error']} | | | | | | |")
+            continue
+        ref = {m["method"]: m for m in good if (m["scope"], m.get("tf32")) == (r["scope"], r.get("tf32"))}
+        full, lora = ref.get("full"), ref.get("lora")
+
+        def ratio(key, other):
+            return f"{r[key] / other[key]:.2f}" if other else "-"
+        name = r["method"] + (" (TF32)" if r.get("tf32") else "")
+        print(f"| {r['scope']} | {name} | {r['steps_per_s']:.2f} | {ratio('median_step_s', full)} | "
+              f"{ratio('median_step_s', lora)} | {r['peak_memory_mb']:.0f} | {ratio('peak_memory_mb', full)} | "
+              f"{ratio('peak_memory_mb', lora)} | {r['train_state_bytes'] / 2**20:.1f} |")
 
 
 def main() -> None:
@@ -47,8 +76,16 @@ def main() -> None:
     p.add_argument("--train-scope", default="mlp", choices=["mlp", "all"])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--tf32", action="store_true", help="let CUDA matmuls use TF32 (every method's, bases too)")
+    p.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators of 3 steps")
+    p.add_argument("--table", metavar="JSONL", help="print the markdown table of earlier runs' JSON lines, and stop")
     args = p.parse_args()
+    if args.table:
+        table(args.table)
+        return
     device = torch.device(args.device)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
     model = build_model(args.model, 2).to(device)
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -82,6 +119,19 @@ def main() -> None:
             torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            for _ in range(3):
+                model(**batch()).loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=48), flush=True)
     med = statistics.median(times)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -89,7 +139,7 @@ def main() -> None:
                       "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                       "batch": f"{args.batch_size}x{args.length}", "scope": args.train_scope,
                       "median_step_s": round(med, 4), "steps_per_s": round(1 / med, 3),
-                      "peak_memory_mb": round(peak, 1),
+                      "peak_memory_mb": round(peak, 1), "tf32": args.tf32,
                       "peak_memory_kind": "cuda_max_memory_allocated" if device.type == "cuda" else "peak_rss",
                       "train_state_bytes": state["total"], "k": prepared.k, "lora_rank": prepared.lora_rank}))
 

@@ -1,13 +1,49 @@
 #!/usr/bin/env bash
-# GPU check (issue 4): the layer micro-benchmark and the end-to-end step at BERT-base size on CUDA, for the four
-# methods, with torch.cuda.max_memory_allocated and steps/s, to set beside the paper's Table 3 (RoBERTa-base:
-# FT 4.11 steps/s / 1345 MB, LoRA 4.7 / 944, SparseGrad 4.3 / 1016). Random init is fine for time and memory.
-# Needs a CUDA build of torch and transformers/peft installed. Under 8 minutes on an H100. Writes into ${OUT:-.}.
-set -euo pipefail
+# GPU check (issue 4), one script: the layer micro-benchmark, the end-to-end step at BERT-base size (random init:
+# time and memory only) for the four methods in both scopes, and calibration at BERT-base and LLaMA-2-7B shapes, on
+# CUDA, with torch.cuda.max_memory_allocated and steps/s, to set beside the paper's Table 3 (RoBERTa-base:
+# FT 4.11 steps/s / 1345 MB, LoRA 4.7 / 944, SparseGrad 4.3 / 1016).
+#
+#   OUT=/tmp/gpu bash benchmarks/gpu.sh                  # on a CUDA machine with torch, transformers, peft
+#   DEVICE=cpu QUICK=1 OUT=/tmp/gpu bash benchmarks/gpu.sh   # smoke test of this script on a CPU, tiny sizes
+#
+# Runs from the repository root without installing (PYTHONPATH=src). Each part has its own time limit and writes
+# its own file under $OUT, so one part failing or running long does not lose the others. About 5 minutes on an H200.
+set -uo pipefail
 out=${OUT:-.}
-python benchmarks/layer_step.py --device cuda --shapes 3072x768,768x3072,11008x4096 --tokens 512,2048,16384 \
-  --rounds 20 --warmup 3 | tee "$out/gpu_layer.md"
-for m in full lora meprop sparsegrad sparsegrad-fixed; do
-  python benchmarks/e2e_step.py --device cuda --model bert-base --method "$m" --batch-size 32 --length 128 \
-    --steps 20 --warmup 3 --train-scope all | tee -a "$out/gpu_e2e.jsonl"
+dev=${DEVICE:-cuda}
+py=${PYTHON:-python3}
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+mkdir -p "$out"
+if [ "${QUICK:-0}" = 1 ]; then
+  shapes=1536x384 tokens=512 rounds="--rounds 2 --warmup 1" e2e="--model tiny --batch-size 4 --length 32 --steps 2 --warmup 1"
+  calib=("1536x384 24") limit=120
+else
+  shapes=3072x768,768x3072,1536x576,11008x4096,4096x11008 tokens=512,2048,16384 rounds="--rounds 20 --warmup 3"
+  e2e="--model bert-base --batch-size 32 --length 128 --steps 20 --warmup 3"
+  calib=("3072x768 132" "11008x4096 120") limit=100
+fi
+{ $py -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+  [ "$dev" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; } | tee "$out/gpu_env.txt"
+
+SECONDS=0
+timeout 150 $py benchmarks/layer_step.py --device "$dev" --shapes "$shapes" --tokens "$tokens" $rounds \
+  --plot "$out/gpu_layer.png" | tee "$out/gpu_layer.md"
+
+e2e_part() {  # one scope, the five methods, each in its own process (peak memory per process)
+  for m in full lora meprop sparsegrad sparsegrad-fixed; do
+    timeout 60 $py benchmarks/e2e_step.py --device "$dev" $e2e --method "$m" --train-scope "$1" >>"$out/gpu_e2e.jsonl" \
+      || echo "{\"method\": \"$m\", \"scope\": \"$1\", \"error\": \"failed or over 60 s\"}" >>"$out/gpu_e2e.jsonl"
+  done
+  $py benchmarks/e2e_step.py --table "$out/gpu_e2e.jsonl" | tee "$out/gpu_e2e.md"
+}
+# Parts in order of importance, so that a call cut short keeps the ones that matter most.
+: > "$out/gpu_e2e.jsonl"
+e2e_part all
+: > "$out/gpu_calib.md"
+for c in "${calib[@]}"; do
+  set -- $c
+  $py benchmarks/calib_shapes.py --device "$dev" --shape "$1" --slices "$2" --timeout "$limit" | tee -a "$out/gpu_calib.md"
 done
+e2e_part mlp
+echo "gpu.sh done in $SECONDS s"

@@ -24,15 +24,16 @@ from torch import nn
 import sparsegrad as sg
 
 
-def orthogonal(n: int, seed: int) -> torch.Tensor:
-    q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed)))
+def orthogonal(n: int, seed: int, device: torch.device) -> torch.Tensor:
+    """A random orthogonal n x n matrix (QR on the device: at 11008 it takes a CPU minute)."""
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed)).to(device))
     return q
 
 
 def variants(out_f: int, in_f: int, density: float, device: torch.device):
     base = nn.Linear(in_f, out_f)
     k = max(1, round(density * out_f * in_f))
-    u_out, u_in = orthogonal(out_f, 1), orthogonal(in_f, 2)
+    u_out, u_in = orthogonal(out_f, 1, device), orthogonal(in_f, 2, device)
 
     def plain():
         layer = nn.Linear(in_f, out_f)
@@ -51,7 +52,8 @@ def variants(out_f: int, in_f: int, density: float, device: torch.device):
         def build():
             lin = nn.Linear(in_f, out_f)
             lin.load_state_dict(base.state_dict())
-            eye_o, eye_i = torch.eye(out_f), torch.eye(in_f)
+            lin.to(device)
+            eye_o, eye_i = torch.eye(out_f, device=device), torch.eye(in_f, device=device)
             layer = sg.SparseGradLinear(lin, eye_o if identity else u_out, eye_i if identity else u_in, k=k,
                                         support=support, kind="bench", identity_basis=identity).to(device)
             return layer, sg.create_optimizer(nn.Sequential(layer), lr=1e-4)
@@ -144,13 +146,16 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--tf32", action="store_true", help="let CUDA matmuls use TF32 (every variant's, bases too)")
     p.add_argument("--plot", default=None, help="also write this PNG (ratios against tokens, one panel per shape)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
     print(f"{where}, torch {torch.__version__}, density {args.density:.2%}, "
-          f"padded rows {args.padded_share:.0%}, {args.rounds} interleaved rounds, medians")
+          f"padded rows {args.padded_share:.0%}, {'TF32 allowed, ' if args.tf32 else ''}{args.rounds} interleaved rounds, medians")
     print("| shape (out x in) | tokens | variant | median step (ms) | / full | / LoRA |")
     print("|---|---|---|---|---|---|")
     table = []

@@ -84,6 +84,31 @@ def test_fixed_support_via_token_route_matches():
     torch.testing.assert_close(layer.delta_values.grad, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", ["all", "few", "most"])
+@pytest.mark.parametrize("tokens", [2, 64])  # the (gy U_out)ᵀ (x U_in) route and the dense route
+def test_fixed_support_gradient_whatever_rows_it_spans(rows, tokens):
+    # The support's basis columns are kept as the basis itself (all rows), a copy (few) or gathered per step
+    # (most): the gradient must be the same in each case, and no near-full copy of the basis is kept.
+    ref, layer, u_out, u_in = make_pair(out_f=40, in_f=30, support="fixed", k=40)
+    row_list = list({"all": range(40), "few": range(0, 40, 4), "most": range(30)}[rows])
+    n = len(row_list)
+    picks = {row_list[j % n] * 30 + (7 * j + j // n) % 30 for j in range(40)}
+    assert len(picks) == 40 and {p // 30 for p in picks} == set(row_list)
+    layer.delta_indices = torch.tensor(sorted(picks))
+    x, gy = torch.randn(tokens, 30), torch.randn(tokens, 40)
+    run(ref, x, gy)
+    run(layer, x, gy)
+    expected = (u_out.T @ ref.weight.grad @ u_in).flatten()[layer.delta_indices]
+    torch.testing.assert_close(layer.delta_values.grad, expected, rtol=1e-5, atol=1e-5)
+    left = layer._blocks[3]
+    if rows == "all":
+        assert left is layer.u_out  # the shared basis itself, no copy
+    elif rows == "few":
+        assert left.shape == (40, 10)
+    else:
+        assert left is None  # 30 of 40 columns: gathered when needed, not held
+
+
 def test_delta_maps_back_through_the_bases():
     _, layer, u_out, u_in = make_pair(support="fixed", k=15)
     idx = torch.tensor(sorted(torch.randperm(96)[:15].tolist()))

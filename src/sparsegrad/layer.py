@@ -81,6 +81,16 @@ def _support_blocks(indices: Tensor, in_features: int) -> tuple[Tensor, Tensor, 
     return urows, ucols, inv_r * ucols.numel() + inv_c
 
 
+def _kept_columns(basis: Tensor, cols: Tensor) -> Tensor | None:
+    """``basis[:, cols]`` worth keeping between steps: the basis itself when ``cols`` (sorted, unique) is every
+    column, a copy when it is at most half of them, else None (cheaper to gather when needed than to hold)."""
+    if cols.numel() == basis.shape[1]:
+        return basis
+    if 2 * cols.numel() <= basis.shape[1]:
+        return basis[:, cols].contiguous()
+    return None
+
+
 def rotated_to_weight(
     indices: Tensor, values: Tensor, u_out: Tensor | None, u_in: Tensor | None, shape: tuple[int, int]
 ) -> Tensor:
@@ -250,14 +260,16 @@ class SparseGradLinear(nn.Module):
         """Distinct entries of the rotated matrix whose delta is non-zero."""
         return int(torch.count_nonzero(self.delta_values.detach()))
 
-    def _support_block_cache(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def _support_block_cache(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
         """(rows, cols, local flat index, u_out[:, rows], u_in[:, cols]) of the fixed support, kept until the
-        support or the bases change."""
+        support or the bases change. A basis whose columns the support all touches is kept as itself; a gathered
+        copy is kept only when it is at most half the basis (else None: gathered per step, then freed), so that
+        the cache never holds a near-full copy of a shared basis in every layer (on BERT-base: about 1 GB)."""
         key = (self.delta_indices.data_ptr(), self.delta_indices._version, self.delta_indices.numel(),
                self.u_out.data_ptr(), self.u_in.data_ptr())
         if self._blocks is None or key != self._blocks_key:
             urows, ucols, local = _support_blocks(self.delta_indices, self.in_features)
-            self._blocks = (urows, ucols, local, self.u_out[:, urows].contiguous(), self.u_in[:, ucols].contiguous())
+            self._blocks = (urows, ucols, local, _kept_columns(self.u_out, urows), _kept_columns(self.u_in, ucols))
             self._blocks_key = key
         return self._blocks
 
@@ -276,6 +288,8 @@ class SparseGradLinear(nn.Module):
         if self.identity_basis:
             return (gy.T @ x).reshape(-1)[self.delta_indices]
         urows, ucols, local, left, right = self._support_block_cache()
+        left = self.u_out[:, urows] if left is None else left
+        right = self.u_in[:, ucols] if right is None else right
         n = x.shape[0]
         via_tokens = n * (self.out_features * urows.numel() + self.in_features * ucols.numel() + urows.numel() * ucols.numel())
         via_dense = n * self.out_features * self.in_features + self.out_features * ucols.numel() * (
