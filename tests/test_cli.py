@@ -44,6 +44,10 @@ def _err(capsys, argv):
     (["finetune", "--score-steps", "-1"], "expected an integer >= 0"),
     (["finetune", "--method", "lora", "--score-steps", "1"], "sparsegrad: error: --score-steps applies to --method sparsegrad only"),
     (["calibrate", "--score-steps", "two"], "expected an integer >= 0"),
+    (["finetune", "--method", "full", "--refresh-every", "4"], "--refresh-every applies to --method sparsegrad only"),
+    (["finetune", "--refresh-every", "4", "--save-every", "2"], "--refresh-every does not work with --save-every"),
+    (["finetune", "--refresh-every", "0"], "expected a positive integer"),
+    (["calibrate", "--refresh-every", "4"], "--refresh-every applies to finetune and compare"),
     (["finetune", "--method", "full", "--basis-sharing", "layer"], "--basis-sharing applies to --method sparsegrad only"),
     (["compare", "--basis-sharing", "block"], "invalid choice: 'block'"),
     (["merge", "--adapter", "/nonexistent/adapter", "--output", "x"], "sparsegrad: error: --adapter /nonexistent/adapter: no such folder"),
@@ -144,7 +148,8 @@ def test_compare_tiny(tiny, tmp_path, capsys):
     out = tmp_path / "cmp"
     argv = ["compare", "--methods", "lora,sparsegrad", "--seeds", "0", "--model", str(model_dir), "--train-file",
             str(train), "--max-length", "32", "--batch-size", "8", "--max-steps", "3", "--density", "0.05",
-            "--lr", "lora=2e-3", "--score-steps", "1", "--basis-sharing", "layer", "--output-dir", str(out)]
+            "--lr", "lora=2e-3", "--score-steps", "1", "--basis-sharing", "layer", "--refresh-every", "2",
+            "--output-dir", str(out)]
     assert main(argv) == 0
     results = (out / "results.md").read_text()
     assert (out / "comparison.png").stat().st_size > 10_000
@@ -158,6 +163,7 @@ def test_compare_tiny(tiny, tmp_path, capsys):
     # --score-steps reaches the SparseGrad run only (LoRA would refuse it)
     sparse = json.loads((out / "sparsegrad-s0" / "metrics.json").read_text())
     assert sparse["score_steps"] == 1 and sparse["basis_sharing"] == "layer"
+    assert sparse["refresh_every"] == 2 and sparse["refreshed_at_steps"] == [2]
     assert len(sparse["bases_report"]) == sparse["mlp_matrices"]  # one basis pair per matrix
     assert json.loads((out / "lora-s0" / "metrics.json").read_text())["score_steps"] == 0
     capsys.readouterr()

@@ -114,6 +114,22 @@ def test_finetune_writes_files_and_reloads(tiny, tmp_path, method, support):
     assert abs(again["eval_loss"] - saved["eval_loss"]) < 1e-4
 
 
+@pytest.mark.parametrize("support", ["dynamic", "fixed"])
+def test_basis_refresh_run_saves_folded_segments_that_reload_exactly(tiny, tmp_path, support):
+    out = tmp_path / "refresh"
+    m = finetune(_cfg(tiny, out, support=support, max_steps=5, refresh_every=2))
+    assert m["refreshed_at_steps"] == [2, 4] and m["refresh_time_s"] > 0
+    meta = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert meta["version"] == 2 and meta["folded_segments"] == 2
+    model, tok, _ = load_finetuned(out / "adapter")
+    from sparsegrad.finetune.data import load_files, make_batches
+
+    data = load_files(tiny[1], seed=0)
+    batches = make_batches(tok, data.eval_texts, data.eval_labels, batch_size=64, max_length=32, shuffle=False)
+    again = M.evaluate(model, batches)
+    assert again["eval_accuracy"] == m["eval_accuracy"] and abs(again["eval_loss"] - m["eval_loss"]) < 1e-6
+
+
 def test_epochs_and_max_steps(tiny, tmp_path):
     # 48 training rows / batch 16 = 3 steps per epoch
     m = finetune(_cfg(tiny, tmp_path / "a", method="full", max_steps=None, epochs=2, batch_size=16))

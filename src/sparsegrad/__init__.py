@@ -14,6 +14,7 @@ from .model import (
     get_sparsegrad_model,
     merge_and_unload,
     print_trainable_parameters,
+    refresh_bases,
     sparsegrad_layers,
     training_state_bytes,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "merge_and_unload",
     "print_trainable_parameters",
     "read_adapter",
+    "refresh_bases",
     "save_adapter",
     "sparse_adam_update",
     "sparsegrad_layers",

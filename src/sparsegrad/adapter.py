@@ -5,11 +5,15 @@ identity bases), per converted module its sparse delta (``<module>.delta_indices
 fp32) and every other parameter that was left trainable, in full, under its model name. The JSON holds the config,
 the layers, a fingerprint of the base (shapes and a hash of the target weights) and the sha256 of the safetensors
 file, so a torn pair of files is detected. Both files are written atomically (temp file + rename).
+
+After basis refreshes (`sparsegrad.refresh_bases`) the file also holds each folded segment s (oldest first):
+``folded/<s>/bases/u_out/<kind>``, ``folded/<s>/bases/u_in/<kind>``, ``folded/<s>/<module>.delta_indices`` and
+``.delta_values``; such an adapter is format version 2 (``folded_segments`` in the JSON), and loading replays the
+segments in order before the live delta, so the weights are bit-identical to the trained model's.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -20,14 +24,15 @@ from torch import nn
 
 from .bases import SparseGradBases
 from .config import SparseGradConfig
-from .io import atomic_write_bytes, read_safetensors, sha256_bytes
-from .model import CONFIG_ATTR, get_sparsegrad_model, sparsegrad_layers
+from .io import atomic_write_bytes, read_safetensors, sha256_bytes, tensors_sha256
+from .model import CONFIG_ATTR, PRETRAINED_HASH_ATTR, get_sparsegrad_model, sparsegrad_layers
 from .targets import find_targets
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "sparsegrad-adapter"
-VERSION = 1
+VERSION = 2  # written only when there are folded segments; an adapter without them stays version 1
+VERSIONS = (1, 2)
 
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -77,7 +82,22 @@ def check_adapter_tensors(meta: dict[str, Any], tensors: dict[str, torch.Tensor]
     for name in layers:
         check_delta(name, tensors.get(f"{name}.delta_indices"), tensors.get(f"{name}.delta_values"), where,
                     shapes.get(name))
-    bad_bases = [k for k, t in tensors.items() if k.startswith("bases/") and not bool(torch.isfinite(t).all())]
+    segments = meta.get("folded_segments", 0)
+    if isinstance(segments, bool) or not isinstance(segments, int) or segments < 0:
+        raise ValueError(f"{where}: {CONFIG_NAME} records folded_segments={segments!r}; the adapter is damaged")
+    for s in range(segments):
+        for name, info in layers.items():
+            prefix = f"folded/{s}/{name}"
+            check_delta(f"folded segment {s} of {name}", tensors.get(f"{prefix}.delta_indices"),
+                        tensors.get(f"{prefix}.delta_values"), where, shapes.get(name))
+            kind = info.get("kind") if isinstance(info, dict) else None
+            for side in ("u_out", "u_in"):
+                basis = tensors.get(f"folded/{s}/bases/{side}/{kind}")
+                if basis is None or basis.dim() != 2 or basis.shape[0] != basis.shape[1]:
+                    raise ValueError(f"{where} lacks the {side} basis of folded segment {s}, kind {kind!r} "
+                                     "(missing or not square); the adapter is damaged")
+    bad_bases = [k for k, t in tensors.items() if (k.startswith("bases/") or k.startswith("folded/") and "/bases/" in k)
+                 and not bool(torch.isfinite(t).all())]
     if bad_bases:
         raise ValueError(f"{where}: {bad_bases[0]} holds NaN or inf; the adapter is damaged")
     for name, shape in (meta.get("trainable_params") or {}).items():
@@ -90,15 +110,6 @@ def check_adapter_tensors(meta: dict[str, Any], tensors: dict[str, torch.Tensor]
             raise ValueError(f"{where}: {name} holds NaN or inf; the adapter is unusable")
 
 
-def _weights_hash(weights: list[tuple[str, torch.Tensor]]) -> str:
-    digest = hashlib.sha256()
-    for name, w in weights:
-        digest.update(name.encode())
-        digest.update(str(tuple(w.shape)).encode())
-        digest.update(w.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _extra_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     """Trainable parameters outside the SparseGrad deltas (biases, norms, heads, attention when trained)."""
     owned = set()
@@ -109,7 +120,7 @@ def _extra_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def bases_fingerprint(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> str:
     """sha256 over the kinds and fp32 bytes of a set of bases."""
-    return _weights_hash([(f"{kind}/{side}", t.float())
+    return tensors_sha256([(f"{kind}/{side}", t.float())
                           for kind in sorted(factors) for side, t in zip(("u_out", "u_in"), factors[kind])])
 
 
@@ -140,13 +151,26 @@ def save_adapter(model: nn.Module, path: str | Path, *, save_bases: bool = True)
         tensors[f"{name}.delta_values"] = (values[:0] if layer.support_pending else values).contiguous()
         layer_info[name] = {"kind": layer.kind, "k": layer.k, "shape": [layer.out_features, layer.in_features],
                             "support_size": int(layer.delta_indices.numel()), "dtype": str(layer.weight.dtype)}
+    segments = {len(layer.folded) for layer in layers.values()}
+    if len(segments) != 1:
+        raise ValueError("the SparseGrad layers were refreshed different numbers of times "
+                         f"({sorted(segments)}): refresh the whole model with sg.refresh_bases")
+    segments = segments.pop()
+    for name, layer in layers.items():
+        for s, seg in enumerate(layer.folded):
+            for side in ("u_out", "u_in"):
+                tensors.setdefault(f"folded/{s}/bases/{side}/{layer.kind}", seg[side].float().contiguous())
+            index_dtype = torch.int32 if layer.out_features * layer.in_features < 2**31 else torch.int64
+            tensors[f"folded/{s}/{name}.delta_indices"] = seg["indices"].to(index_dtype).contiguous()
+            tensors[f"folded/{s}/{name}.delta_values"] = seg["values"].float().contiguous()
     extra = _extra_trainable(model)
     for name, p in extra.items():
         tensors[name] = p.detach().cpu().contiguous()
     blob = st_save(tensors, metadata={"format": FORMAT})
     meta = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": VERSION if segments else 1,
+        "folded_segments": segments,
         "config": config.to_dict(),
         "identity_basis": identity,
         "bases_saved": bool(save_bases and not identity),
@@ -155,7 +179,9 @@ def save_adapter(model: nn.Module, path: str | Path, *, save_bases: bool = True)
         "layers": layer_info,
         "trainable_params": {n: list(p.shape) for n, p in extra.items()},
         "base_fingerprint": {
-            "target_weights_sha256": _weights_hash([(n, l.base_weight) for n, l in layers.items()]),
+            # of the pretrained weights: after a refresh the frozen weight holds folded deltas
+            "target_weights_sha256": getattr(model, PRETRAINED_HASH_ATTR, None)
+            or tensors_sha256([(n, l.base_weight) for n, l in layers.items()]),
             "target_shapes": {n: [l.out_features, l.in_features] for n, l in layers.items()},
         },
         "weights_sha256": sha256_bytes(blob),
@@ -181,8 +207,11 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
         raise ValueError(f"{cfg_file} is not valid JSON ({exc}); the adapter is corrupt") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{cfg_file} is not a sparsegrad adapter config (format != {FORMAT!r})")
-    if meta.get("version") != VERSION:
-        raise ValueError(f"adapter format version {meta.get('version')!r} is not supported (this is {VERSION})")
+    if meta.get("version") not in VERSIONS:
+        raise ValueError(f"adapter format version {meta.get('version')!r} is not supported (this reads "
+                         f"{', '.join(map(str, VERSIONS))})")
+    if meta.get("version") == 1 and meta.get("folded_segments", 0):
+        raise ValueError(f"{cfg_file}: a version-1 adapter cannot hold folded segments; the file was edited")
     tensors, blob = read_safetensors(path / WEIGHTS_NAME, "adapter weights")
     if sha256_bytes(blob) != meta.get("weights_sha256"):
         raise ValueError(
@@ -211,7 +240,7 @@ def load_adapter(base_model: nn.Module, path: str | Path, *, bases: SparseGradBa
                 f"base model does not fit the adapter: {name} is {list(targets[name].weight.shape)}, "
                 f"the adapter was trained on {shape}"
             )
-    if _weights_hash([(n, targets[n].weight) for n in expected]) != fingerprint["target_weights_sha256"]:
+    if tensors_sha256([(n, targets[n].weight) for n in expected]) != fingerprint["target_weights_sha256"]:
         raise ValueError("base model weights differ from those the adapter was trained on (target weight hash)")
     params = dict(base_model.named_parameters())
     for name, shape in meta["trainable_params"].items():
@@ -248,10 +277,19 @@ def load_adapter(base_model: nn.Module, path: str | Path, *, bases: SparseGradBa
         state[f"{name}.delta_values"] = tensors[f"{name}.delta_values"].float()
     for name in meta["trainable_params"]:
         state[name] = tensors[name]
+    segments = meta.get("folded_segments", 0)
     with torch.no_grad():
         layer_map = sparsegrad_layers(base_model)
         for name, layer in layer_map.items():
+            if segments:
+                layer.replay_folded([
+                    {"u_out": tensors[f"folded/{s}/bases/u_out/{layer.kind}"].float(),
+                     "u_in": tensors[f"folded/{s}/bases/u_in/{layer.kind}"].float(),
+                     "indices": tensors[f"folded/{s}/{name}.delta_indices"],
+                     "values": tensors[f"folded/{s}/{name}.delta_values"].float()} for s in range(segments)])
             _load_delta(layer, state.pop(f"{name}.delta_indices"), state.pop(f"{name}.delta_values"), name)
+        if segments:
+            setattr(base_model, PRETRAINED_HASH_ATTR, fingerprint["target_weights_sha256"])
         for name, value in state.items():
             params[name].copy_(value.to(params[name].dtype))
     return base_model

@@ -286,6 +286,8 @@ def estimate_bases(
     """Calibrate the HOSVD bases of every kind of target module.
 
     ``batches``: dicts fed as ``model(**batch)`` (loss = ``.loss``) unless ``loss_fn(model, batch)`` is given.
+    ``model`` may already be converted (its SparseGrad layers' dense weight gradients are used): that is how a
+    basis refresh recalibrates at the current point (`sparsegrad.refresh_bases`).
     ``steps``: how many calibration steps to use (default: all the batches). No optimizer step is taken; the
     model's parameters, ``requires_grad`` flags and ``.grad`` are exactly as before on return. With
     ``config.score_steps`` > 0 the first steps are run once more to measure, on the calibration gradients, the share
@@ -306,7 +308,7 @@ def estimate_bases(
         raise ValueError(f"grad_accum must be a positive integer, got {grad_accum!r}")
     sync = bool(all_reduce_grads) and _distributed_world() > 1
     loss_fn = loss_fn or _default_loss
-    targets = find_targets(model, config)
+    targets = find_targets(model, config, allow_converted=True)  # a converted model too: a basis refresh
     kinds = {name: kind_of(name, config) for name, _ in targets}
     budgets = {name: config.budget(*m.weight.shape, name=name) for name, m in targets}
     device = targets[0][1].weight.device

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
+import torch
 from torch import Tensor
 
 
@@ -52,6 +53,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def tensors_sha256(tensors: list[tuple[str, Tensor]]) -> str:
+    """sha256 over the names, shapes and raw bytes of named tensors, in order."""
+    digest = hashlib.sha256()
+    for name, t in tensors:
+        digest.update(name.encode())
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def sha256_bytes(data: bytes) -> str:

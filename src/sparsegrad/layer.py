@@ -20,6 +20,11 @@ Two support modes:
   initialised (every rank of a DDP run picks the same support).
 
 The bias stays in the original output space, and its gradient is Σ ∂L/∂Y over batch and tokens.
+
+A basis refresh (`fold`) moves the trained delta into the frozen weight (W0 <- W0 + U_out D U_inᵀ, exactly the
+effective weight), records it in ``folded`` (its bases, indices and values, on the CPU), and continues with new
+bases and an empty delta. The effective weight is then W0 with every folded segment added in order, then the live
+delta: an adapter replays the same additions, so its weights stay bit-identical.
 """
 
 from __future__ import annotations
@@ -203,6 +208,7 @@ class SparseGradLinear(nn.Module):
         else:
             self.register_buffer("delta_indices", torch.empty(0, dtype=self.index_dtype, device=device))
             self.register_buffer("delta_values", torch.empty(0, dtype=torch.float32, device=device))
+        self.folded: list[dict[str, Tensor | None]] = []  # refreshed-away segments, oldest first (see `fold`)
         self._merged_key: tuple | None = None
         self._blocks_key: tuple | None = None
         self._blocks: tuple[Tensor, ...] | None = None
@@ -237,12 +243,21 @@ class SparseGradLinear(nn.Module):
         return (v.data_ptr(), v._version, v.numel(), i.data_ptr(), i._version, i.numel())
 
     def delta_weight(self) -> Tensor:
-        """The trained change of the weight in the original basis, fp32."""
+        """The trained change of the weight in the original basis since the last fold, fp32."""
         u_out = None if self.identity_basis else self.u_out
         u_in = None if self.identity_basis else self.u_in
         return rotated_to_weight(
             self.delta_indices, self.delta_values.detach(), u_out, u_in, (self.out_features, self.in_features)
         )
+
+    def _plus_delta(self, base: Tensor, indices: Tensor, values: Tensor, u_out: Tensor | None,
+                    u_in: Tensor | None) -> Tensor:
+        """base + U_out · scatter(indices, values) · U_inᵀ in fp32, in the weight's dtype: the one formula every
+        rebuild, fold and adapter load uses, so that they agree bit for bit."""
+        if indices.numel() == 0:
+            return base.clone()
+        delta = rotated_to_weight(indices, values, u_out, u_in, (self.out_features, self.in_features))
+        return (base.float() + delta).to(self.weight.dtype)
 
     @torch.no_grad()
     def sync_weight(self, force: bool = False) -> None:
@@ -250,15 +265,66 @@ class SparseGradLinear(nn.Module):
         key = self._delta_key()
         if not force and key == self._merged_key:
             return
-        if self.delta_indices.numel() == 0:
-            self.weight.copy_(self.base_weight)
-        else:
-            self.weight.copy_((self.base_weight.float() + self.delta_weight()).to(self.weight.dtype))
+        u_out = None if self.identity_basis else self.u_out
+        u_in = None if self.identity_basis else self.u_in
+        self.weight.copy_(self._plus_delta(self.base_weight, self.delta_indices, self.delta_values.detach(),
+                                           u_out, u_in))
         self._merged_key = self._delta_key()
 
+    @torch.no_grad()
+    def fold(self, u_out: Tensor, u_in: Tensor, *, fixed_indices: Tensor | None = None,
+             record: tuple[Tensor, Tensor] | None = None) -> None:
+        """Basis refresh: move the delta into the frozen weight, record it in ``folded``, and continue with the
+        bases ``u_out``, ``u_in`` (fp32, on this layer's device) and an empty delta. A fixed support starts
+        pending (chosen at the next step) unless ``fixed_indices`` gives it. ``record``: CPU copies of the bases
+        in use to store in ``folded`` (shared by the layers of a kind); made here when not given. The optimizer's
+        state for this layer belongs to the old basis: drop it (`sparsegrad.refresh_bases` does)."""
+        if self.identity_basis:
+            raise ValueError("a basis refresh needs rotated bases; this layer uses the identity basis (MeProp)")
+        if tuple(u_out.shape) != tuple(self.u_out.shape) or tuple(u_in.shape) != tuple(self.u_in.shape):
+            raise ValueError(f"new bases {tuple(u_out.shape)}, {tuple(u_in.shape)} do not fit a "
+                             f"{self.out_features}x{self.in_features} layer")
+        self.sync_weight()
+        # One segment per refresh, even an empty one (a support still pending): segment s is refresh s everywhere.
+        old_out, old_in = record if record is not None else (self.u_out.float().cpu(), self.u_in.float().cpu())
+        indices = self.delta_indices.detach().cpu().clone()
+        values = self.delta_values.detach().float().cpu().clone() if indices.numel() else torch.zeros(0)
+        self.folded.append({"u_out": old_out, "u_in": old_in, "indices": indices, "values": values})
+        self.base_weight.copy_(self.weight)
+        device = self.weight.device
+        self.u_out = u_out.to(device, torch.float32).contiguous()
+        self.u_in = u_in.to(device, torch.float32).contiguous()
+        if self.support == "fixed":
+            indices = torch.empty(0, dtype=self.index_dtype, device=device)
+            if fixed_indices is not None:
+                indices = self._checked_indices(fixed_indices.to(device=device, dtype=self.index_dtype))
+            self.delta_indices = indices
+            self.delta_values.data = torch.zeros(self.k, dtype=torch.float32, device=device)
+        else:
+            self.delta_indices = torch.empty(0, dtype=self.index_dtype, device=device)
+            self.delta_values = torch.empty(0, dtype=torch.float32, device=device)
+        self._blocks = self._blocks_key = None
+        self.sync_weight(force=True)
+
+    @torch.no_grad()
+    def replay_folded(self, segments: list[dict[str, Tensor]]) -> None:
+        """Adapter load: add the folded segments (oldest first) to the frozen weight as training's `fold` did,
+        and keep them in ``folded``. Call on a freshly converted layer, before its live delta is set."""
+        device = self.weight.device
+        for seg in segments:
+            indices = seg["indices"].to(device=device, dtype=self.index_dtype)
+            values = seg["values"].to(device=device, dtype=torch.float32)
+            u_out = seg["u_out"].to(device, torch.float32).contiguous()
+            u_in = seg["u_in"].to(device, torch.float32).contiguous()
+            self.base_weight.copy_(self._plus_delta(self.base_weight, indices, values, u_out, u_in))
+            self.folded.append(seg)
+        self.sync_weight(force=True)
+
     def entries_updated(self) -> int:
-        """Distinct entries of the rotated matrix whose delta is non-zero."""
-        return int(torch.count_nonzero(self.delta_values.detach()))
+        """Distinct entries of the rotated matrix whose delta is non-zero, summed over the folded segments (each
+        counted in its own basis) after basis refreshes."""
+        folded = sum(int(torch.count_nonzero(seg["values"])) for seg in self.folded)
+        return folded + int(torch.count_nonzero(self.delta_values.detach()))
 
     def _support_block_cache(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
         """(rows, cols, local flat index, u_out[:, rows], u_in[:, cols]) of the fixed support, kept until the

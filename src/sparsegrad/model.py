@@ -11,6 +11,7 @@ from .layer import SparseGradLinear
 from .targets import find_targets, kind_of
 
 CONFIG_ATTR = "sparsegrad_config"
+PRETRAINED_HASH_ATTR = "sparsegrad_pretrained_sha256"
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -64,6 +65,42 @@ def get_sparsegrad_model(model: nn.Module, config: SparseGradConfig, bases: Spar
     return model
 
 
+def refresh_bases(model: nn.Module, bases: SparseGradBases, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Periodic basis refresh (like GaLore's projection refresh): for every SparseGrad layer, fold its trained
+    delta into the frozen weight, switch to the ``bases`` of its kind (calibrated at the current point, e.g. by
+    `sparsegrad.estimate_bases` on this converted model) and start an empty delta; the model's function is
+    unchanged. The optimizer's state for those layers is dropped (its moments belong to the old basis). Adapters
+    saved afterwards hold the folded segments too and load bit-identically. Returns the number of layers folded.
+    """
+    layers = sparsegrad_layers(model)
+    if not layers:
+        raise ValueError("refresh_bases needs a model converted with sg.get_sparsegrad_model")
+    if not isinstance(bases, SparseGradBases) or bases.identity:
+        raise ValueError("refresh_bases needs calibrated (rotated) SparseGradBases")
+    if getattr(model, PRETRAINED_HASH_ATTR, None) is None:
+        from .io import tensors_sha256  # the adapter's base fingerprint, taken before the first fold changes W0
+
+        setattr(model, PRETRAINED_HASH_ATTR, tensors_sha256([(n, l.base_weight) for n, l in layers.items()]))
+    records: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, layer in layers.items():
+        if layer.kind not in records:  # one CPU copy per kind of the bases being folded away
+            records[layer.kind] = (layer.u_out.float().cpu(), layer.u_in.float().cpu())
+    moved: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, layer in layers.items():
+        device = layer.weight.device
+        if (layer.kind, device) not in moved:
+            u_out, u_in = bases.get(layer.kind)
+            moved[(layer.kind, device)] = (u_out.to(device, torch.float32).contiguous(),
+                                           u_in.to(device, torch.float32).contiguous())
+        fixed = bases.fixed_supports.get(name) if layer.support == "fixed" else None
+        layer.fold(*moved[(layer.kind, device)], record=records[layer.kind],
+                   fixed_indices=fixed if fixed is not None and fixed.numel() == layer.k else None)
+        if optimizer is not None:
+            optimizer.state.pop(layer.weight, None)
+            optimizer.state.pop(layer.delta_values, None)
+    return len(layers)
+
+
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace every SparseGradLinear by a plain nn.Linear holding the trained weight. The result has the base
     architecture, the same state_dict keys as the original model and the trained model's outputs."""
@@ -72,8 +109,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         raise ValueError("the model has no SparseGradLinear to merge")
     for name, layer in layers.items():
         _set_submodule(model, name, layer.to_linear())
-    if hasattr(model, CONFIG_ATTR):
-        delattr(model, CONFIG_ATTR)
+    for attr in (CONFIG_ATTR, PRETRAINED_HASH_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
     return model
 
 

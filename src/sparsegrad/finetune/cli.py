@@ -36,7 +36,7 @@ PROG = "sparsegrad"
 METHOD_CHOICES = ("sparsegrad", "lora", "meprop", "full")
 TASK_CHOICES = ("bbc", "tweets", "bbc-instruct", "shakespeare")
 DECODER_TASKS = ("bbc-instruct", "shakespeare")
-SPARSEGRAD_ONLY_FLAGS = ("score_steps", "basis_sharing")  # calibration flags: refused for, or not passed to, others
+SPARSEGRAD_ONLY_FLAGS = ("score_steps", "basis_sharing", "refresh_every")  # calibration flags: refused for, or not passed to, others
 DEFAULT_MAX_TRAIN = 512
 DEFAULT_MAX_EVAL = 400
 DEFAULT_MAX_EVAL_LM = 100
@@ -115,6 +115,11 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--basis-sharing", choices=("kind", "layer"), default=None,
                    help="SparseGrad: one basis pair per kind of MLP matrix shared by all blocks (kind, the paper; "
                         "default) or one pair per matrix (layer)")
+    g.add_argument("--refresh-every", type=_positive_int, default=None,
+                   help="SparseGrad: every N steps recalibrate the bases at the current point (on the next "
+                        "--calibration-steps batches), fold the trained delta into the frozen weight and train on in "
+                        "the new bases; the adapter keeps every folded segment (default: calibrate once; "
+                        "finetune and compare only)")
     g.add_argument("--every-nth-block", type=_positive_int, default=None,
                    help="adapt the MLPs of blocks 0, n, 2n, ... only (default: every block; the paper's LLaMA "
                         "runs use 3)")
@@ -294,7 +299,7 @@ def _finetune_config(args: argparse.Namespace, command: str | None = None):
         train_scope=args.train_scope, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
         lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, seed=args.seed,
         max_length=args.max_length, calibration_steps=args.calibration_steps, score_steps=args.score_steps,
-        basis_sharing=args.basis_sharing or "kind", max_train=args.max_train or None, max_eval=args.max_eval or None, lora_rank=args.lora_rank,
+        basis_sharing=args.basis_sharing or "kind", refresh_every=args.refresh_every, max_train=args.max_train or None, max_eval=args.max_eval or None, lora_rank=args.lora_rank,
         every_nth_block=args.every_nth_block, prompt_column=args.prompt_column,
         response_column=args.response_column, dtype=args.dtype,
         output_dir=args.output_dir, progress=not args.no_progress, command=command,
@@ -387,6 +392,8 @@ def cmd_finetune(args: argparse.Namespace, command: str) -> int:
 def cmd_calibrate(args: argparse.Namespace, command: str) -> int:
     _check_data_args(args)
     _check_budget_args(args)
+    if args.refresh_every is not None:
+        raise CLIError("--refresh-every applies to finetune and compare (calibrate writes the starting bases only)")
     if args.score_steps is None:
         args.score_steps = 2
     args.basis_sharing = args.basis_sharing or "kind"

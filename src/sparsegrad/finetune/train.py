@@ -41,6 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import sparsegrad as sg
+from sparsegrad.model import CONFIG_ATTR
 from sparsegrad.io import atomic_directory, atomic_write_bytes, read_safetensors
 
 from . import metrics as M
@@ -112,6 +113,11 @@ class FinetuneConfig:
     score_steps: int | None = None
     """Calibration batches re-run once the bases are known (energy report; a fixed support is chosen from them).
     None: 2 with a fixed support, 0 with a dynamic one (where the re-run only reports)."""
+    refresh_every: int | None = None
+    """SparseGrad: every this many steps, recalibrate the bases at the current point on the next
+    ``calibration_steps`` training batches (no update), fold the trained delta into the frozen weight and train on
+    in the new bases (`sparsegrad.refresh_bases`); the adapter then holds every folded segment. None: calibrate
+    once, at the start."""
     max_train: int | None = None
     max_eval: int | None = None
     eval_fraction: float = 0.2
@@ -166,13 +172,23 @@ class FinetuneConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("max_steps", "max_train", "max_eval", "lora_rank", "save_every", "stop_after"):
+        for name in ("max_steps", "max_train", "max_eval", "lora_rank", "save_every", "stop_after", "refresh_every"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise UsageError(f"{name} must be a positive integer, got {value!r}")
         if self.score_steps is not None and (isinstance(self.score_steps, bool) or not isinstance(self.score_steps, int)
                                              or self.score_steps < 0):
             raise UsageError(f"score_steps must be an integer >= 0, got {self.score_steps!r}")
+        if self.refresh_every is not None:
+            if self.method != "sparsegrad":
+                raise UsageError(f"refresh_every applies to the sparsegrad method only, not {self.method!r}")
+            clash = [flag for flag, on in (("--grad-accum", self.grad_accum != 1),
+                                           ("--save-every", self.save_every is not None),
+                                           ("--resume", self.resume is not None),
+                                           ("--stop-after", self.stop_after is not None)) if on]
+            if clash:
+                raise UsageError(f"--refresh-every does not work with {', '.join(clash)} yet: checkpoints do not "
+                                 "hold refreshed bases, and a refresh recalibrates on whole batches")
         if self.max_length < 8:
             raise UsageError(f"max_length must be at least 8, got {self.max_length}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
@@ -388,7 +404,8 @@ def _check_decoder_settings(cfg: FinetuneConfig) -> None:
 
     asked = [flag for flag, on in (("--grad-accum", cfg.grad_accum != 1), ("--save-every", cfg.save_every is not None),
                                    ("--resume", cfg.resume is not None), ("--stop-after", cfg.stop_after is not None),
-                                   ("--on-nonfinite skip", cfg.on_nonfinite != "stop")) if on]
+                                   ("--on-nonfinite skip", cfg.on_nonfinite != "stop"),
+                                   ("--refresh-every", cfg.refresh_every is not None)) if on]
     if asked:
         raise UsageError(f"{', '.join(asked)}: classifier runs only for now; decoder runs train in one process "
                          "without gradient accumulation or checkpoints")
@@ -501,6 +518,8 @@ def _finetune_classifier(cfg: FinetuneConfig, ctx, block_indices) -> dict[str, A
     except OSError as exc:
         raise UsageError(f"cannot create output folder {out_dir}: {exc}") from None
     resume = _load_resume(cfg, ctx.world) if cfg.resume is not None else None
+    if cfg.refresh_every is not None and ctx.world > 1:
+        raise UsageError("--refresh-every trains in one process for now: start it without torchrun")
     wall_start = time.perf_counter()
 
     # 1. Seeds, data, model. The classifier head is initialised from the seeded torch RNG.
@@ -596,6 +615,7 @@ def _finetune_classifier(cfg: FinetuneConfig, ctx, block_indices) -> dict[str, A
         log(f"removed the checkpoints of an earlier run in {checkpoints_dir(out_dir)} (this run starts afresh)")
     train_model = wrap_ddp(model, ctx)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    refreshes: dict[int, float] = {}  # step -> seconds the basis refresh took there
     faults = FaultInjection.from_env()
 
     def save(reason: str) -> Path:
@@ -630,9 +650,18 @@ def _finetune_classifier(cfg: FinetuneConfig, ctx, block_indices) -> dict[str, A
             if step >= total_steps:
                 break
             batches = first_epoch if epoch == 0 else epoch_batches(epoch)
-            for batch in batches[start_in_epoch if epoch == start_epoch else 0:]:
+            first = start_in_epoch if epoch == start_epoch else 0
+            for position, batch in enumerate(batches[first:], start=first):
                 if step >= total_steps:
                     break
+                if cfg.refresh_every and step % cfg.refresh_every == 0 and 0 < step and step not in refreshes:
+                    # Basis refresh: recalibrate at the current point on the next batches (they are then trained
+                    # on as usual), fold the delta into the frozen weight, continue in the new bases.
+                    r0 = time.perf_counter()
+                    fresh = sg.estimate_bases(model, getattr(model, CONFIG_ATTR),
+                                              batches[position:position + cfg.calibration_steps], progress=False)
+                    sg.refresh_bases(model, fresh, optimizer)
+                    refreshes[step] = round(time.perf_counter() - r0, 3)
                 t0 = time.perf_counter()
                 step_lr = optimizer.param_groups[0]["lr"]
                 micros = step_micro_batches(batch, ctx.rank, ctx.world, cfg.grad_accum)
@@ -772,6 +801,9 @@ def _finetune_classifier(cfg: FinetuneConfig, ctx, block_indices) -> dict[str, A
             "calibration_steps": cfg.calibration_steps if cfg.method == "sparsegrad" else 0,
             "score_steps": prepared.score_steps,
             "basis_sharing": cfg.basis_sharing if cfg.method == "sparsegrad" else None,
+            "refresh_every": cfg.refresh_every,
+            "refreshed_at_steps": sorted(refreshes),
+            "refresh_time_s": round(sum(refreshes.values()), 3),
             "num_train": len(data.train_texts),
             "num_eval": len(data.eval_texts),
             "num_labels": data.num_labels,
