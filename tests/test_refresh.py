@@ -156,3 +156,6 @@ def test_refresh_errors():
     layer = sg.sparsegrad_layers(model)[NAME]
     with pytest.raises(ValueError, match="do not fit"):
         layer.fold(torch.eye(3), torch.eye(3))
+    layer.fold(layer.u_out.clone(), layer.u_in.clone())  # one layer refreshed by hand, not the model
+    with pytest.raises(ValueError, match=r"refreshed different numbers of times \(\[0, 1\]\)"):
+        sg.save_adapter(model, "unused")

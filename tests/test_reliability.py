@@ -410,6 +410,8 @@ def test_environment_problems(tmp_path, tiny, capsys, monkeypatch):
     # decoder runs refuse what only the classifier loop does
     with pytest.raises(UsageError, match="--grad-accum, --save-every: classifier runs only"):
         finetune(FinetuneConfig(task="bbc-instruct", grad_accum=2, save_every=1))
+    with pytest.raises(UsageError, match="--refresh-every: classifier runs only"):
+        finetune(FinetuneConfig(task="bbc-instruct", refresh_every=4))
     # a bundled model package that is not installed
     import importlib.util
 
