@@ -9,8 +9,8 @@ at every refresh point, the top-k energy share of the gradients there under the 
 A refresh, for every SparseGrad layer: fold the trained delta into the frozen weight (W0 <- W0 + U_out D U_inᵀ),
 clear the delta and its sparse Adam state (its entries belong to the old basis), recompute the bases of each kind
 from the dense gradients of `--calib-steps` training batches at the current point (no update), and train on in the
-new basis. Not a product feature: an adapter would then be a sum of deltas in several bases (the adapter format holds
-one basis pair per kind), so this script only measures whether the lever pays.
+new basis. The product feature that came of it is `sparsegrad finetune --refresh-every N` (`sg.refresh_bases`,
+adapters with folded segments); this script keeps the experiment, with the energy shares at each refresh point.
 
     python benchmarks/refresh.py --epochs 2 --every 16 --calib-steps 2
 """
