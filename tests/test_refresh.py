@@ -103,6 +103,13 @@ def test_adapter_with_folded_segments_reloads_bit_for_bit(tmp_path, support):
     assert json.loads((again / "adapter_config.json").read_text())["base_fingerprint"] == meta["base_fingerprint"]
     merged = sg.merge_and_unload(loaded)
     torch.testing.assert_close(merged(**batch).logits, expected, rtol=0, atol=0)
+    # without the live bases in the file: the folded segments' bases are still saved, the live ones passed in
+    slim = sg.save_adapter(model, tmp_path / "slim", save_bases=False)
+    assert not any(k.startswith("bases/") for k in load_file(slim / "adapter_model.safetensors"))
+    live = sg.SparseGradBases(factors={l.kind: (l.u_out.cpu(), l.u_in.cpu())
+                                       for l in sg.sparsegrad_layers(model).values()})
+    torch.testing.assert_close(sg.load_adapter(make_tiny_bert(), slim, bases=live)(**batch).logits, expected,
+                               rtol=0, atol=0)
 
 
 def test_adapter_without_refresh_stays_version_1(tmp_path):
@@ -159,3 +166,10 @@ def test_refresh_errors():
     layer.fold(layer.u_out.clone(), layer.u_in.clone())  # one layer refreshed by hand, not the model
     with pytest.raises(ValueError, match=r"refreshed different numbers of times \(\[0, 1\]\)"):
         sg.save_adapter(model, "unused")
+
+
+def test_trainer_restore_refuses_refreshed_adapters(refreshed_adapter):
+    from sparsegrad.finetune.trainer import restore_adapter
+
+    with pytest.raises(ValueError, match="holds 2 basis refresh"):
+        restore_adapter(converted_bert(), refreshed_adapter)

@@ -79,6 +79,10 @@ def restore_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     and the other trained parameters. Checks that the adapter's layers are the model's."""
     model = _unwrap(model)
     meta, tensors = sg.read_adapter(path)
+    if meta.get("folded_segments", 0):  # the frozen weights would need the segments replayed onto the pretrained ones
+        raise ValueError(f"adapter {path} holds {meta['folded_segments']} basis refresh(es) (folded segments): "
+                         "restoring it into a converted model mid-run is not supported; load it onto a fresh base "
+                         "model with sg.load_adapter")
     layers = sg.sparsegrad_layers(model)
     if set(layers) != set(meta["layers"]):
         missing = sorted(set(meta["layers"]) - set(layers))[:3]
