@@ -145,8 +145,7 @@ def save_adapter(model: nn.Module, path: str | Path, *, save_bases: bool = True)
         if not identity and save_bases and f"bases/u_out/{layer.kind}" not in tensors:
             tensors[f"bases/u_out/{layer.kind}"] = layer.u_out.detach().float().cpu().contiguous()
             tensors[f"bases/u_in/{layer.kind}"] = layer.u_in.detach().float().cpu().contiguous()
-        index_dtype = torch.int32 if layer.out_features * layer.in_features < 2**31 else torch.int64
-        tensors[f"{name}.delta_indices"] = layer.delta_indices.detach().to(index_dtype).cpu().contiguous()
+        tensors[f"{name}.delta_indices"] = layer.delta_indices.detach().to(layer.index_dtype).cpu().contiguous()
         values = layer.delta_values.detach().float().cpu()
         tensors[f"{name}.delta_values"] = (values[:0] if layer.support_pending else values).contiguous()
         layer_info[name] = {"kind": layer.kind, "k": layer.k, "shape": [layer.out_features, layer.in_features],
@@ -160,8 +159,7 @@ def save_adapter(model: nn.Module, path: str | Path, *, save_bases: bool = True)
         for s, seg in enumerate(layer.folded):
             for side in ("u_out", "u_in"):
                 tensors.setdefault(f"folded/{s}/bases/{side}/{layer.kind}", seg[side].float().contiguous())
-            index_dtype = torch.int32 if layer.out_features * layer.in_features < 2**31 else torch.int64
-            tensors[f"folded/{s}/{name}.delta_indices"] = seg["indices"].to(index_dtype).contiguous()
+            tensors[f"folded/{s}/{name}.delta_indices"] = seg["indices"].to(layer.index_dtype).contiguous()
             tensors[f"folded/{s}/{name}.delta_values"] = seg["values"].float().contiguous()
     extra = _extra_trainable(model)
     for name, p in extra.items():

@@ -199,15 +199,12 @@ class SparseGradLinear(nn.Module):
         self.register_buffer("u_out", u_out, persistent=False)
         self.register_buffer("u_in", u_in, persistent=False)
         self.index_dtype = index_dtype(out_features * in_features)
+        indices, values = self._empty_delta(device, fixed_indices)
+        self.register_buffer("delta_indices", indices)
         if support == "fixed":
-            indices = torch.empty(0, dtype=self.index_dtype, device=device)
-            if fixed_indices is not None:
-                indices = self._checked_indices(fixed_indices.to(device=device, dtype=self.index_dtype))
-            self.register_buffer("delta_indices", indices)
-            self.delta_values = nn.Parameter(torch.zeros(self.k, dtype=torch.float32, device=device))
+            self.delta_values = nn.Parameter(values)
         else:
-            self.register_buffer("delta_indices", torch.empty(0, dtype=self.index_dtype, device=device))
-            self.register_buffer("delta_values", torch.empty(0, dtype=torch.float32, device=device))
+            self.register_buffer("delta_values", values)
         self.folded: list[dict[str, Tensor | None]] = []  # refreshed-away segments, oldest first (see `fold`)
         self._merged_key: tuple | None = None
         self._blocks_key: tuple | None = None
@@ -215,6 +212,16 @@ class SparseGradLinear(nn.Module):
         self._merged_key = self._delta_key()  # weight == base_weight holds for an empty delta
 
     # ----------------------------------------------------------------------------------------------- helpers
+    def _empty_delta(self, device: torch.device, fixed_indices: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(indices, values) of a delta that has not trained: a fixed support gets k zero values at
+        ``fixed_indices`` (or no indices: pending, chosen at the first step); a dynamic one starts empty."""
+        indices = torch.empty(0, dtype=self.index_dtype, device=device)
+        if self.support != "fixed":
+            return indices, torch.empty(0, dtype=torch.float32, device=device)
+        if fixed_indices is not None:
+            indices = self._checked_indices(fixed_indices.to(device=device, dtype=self.index_dtype))
+        return indices, torch.zeros(self.k, dtype=torch.float32, device=device)
+
     def _checked_indices(self, indices: Tensor) -> Tensor:
         n = self.out_features * self.in_features
         if indices.dim() != 1 or indices.numel() != self.k:
@@ -242,12 +249,14 @@ class SparseGradLinear(nn.Module):
         v, i = self.delta_values, self.delta_indices
         return (v.data_ptr(), v._version, v.numel(), i.data_ptr(), i._version, i.numel())
 
+    def _rotation(self) -> tuple[Tensor | None, Tensor | None]:
+        """(u_out, u_in), or (None, None) for the identity basis (MeProp: the delta is in the original basis)."""
+        return (None, None) if self.identity_basis else (self.u_out, self.u_in)
+
     def delta_weight(self) -> Tensor:
         """The trained change of the weight in the original basis since the last fold, fp32."""
-        u_out = None if self.identity_basis else self.u_out
-        u_in = None if self.identity_basis else self.u_in
         return rotated_to_weight(
-            self.delta_indices, self.delta_values.detach(), u_out, u_in, (self.out_features, self.in_features)
+            self.delta_indices, self.delta_values.detach(), *self._rotation(), (self.out_features, self.in_features)
         )
 
     def _plus_delta(self, base: Tensor, indices: Tensor, values: Tensor, u_out: Tensor | None,
@@ -265,10 +274,8 @@ class SparseGradLinear(nn.Module):
         key = self._delta_key()
         if not force and key == self._merged_key:
             return
-        u_out = None if self.identity_basis else self.u_out
-        u_in = None if self.identity_basis else self.u_in
         self.weight.copy_(self._plus_delta(self.base_weight, self.delta_indices, self.delta_values.detach(),
-                                           u_out, u_in))
+                                           *self._rotation()))
         self._merged_key = self._delta_key()
 
     @torch.no_grad()
@@ -294,15 +301,11 @@ class SparseGradLinear(nn.Module):
         device = self.weight.device
         self.u_out = u_out.to(device, torch.float32).contiguous()
         self.u_in = u_in.to(device, torch.float32).contiguous()
-        if self.support == "fixed":
-            indices = torch.empty(0, dtype=self.index_dtype, device=device)
-            if fixed_indices is not None:
-                indices = self._checked_indices(fixed_indices.to(device=device, dtype=self.index_dtype))
-            self.delta_indices = indices
-            self.delta_values.data = torch.zeros(self.k, dtype=torch.float32, device=device)
+        self.delta_indices, values = self._empty_delta(device, fixed_indices)
+        if isinstance(self.delta_values, nn.Parameter):  # fixed: the same Parameter, so the optimizer keeps it
+            self.delta_values.data = values
         else:
-            self.delta_indices = torch.empty(0, dtype=self.index_dtype, device=device)
-            self.delta_values = torch.empty(0, dtype=torch.float32, device=device)
+            self.delta_values = values
         self._blocks = self._blocks_key = None
         self.sync_weight(force=True)
 

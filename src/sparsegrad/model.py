@@ -24,6 +24,15 @@ def sparsegrad_layers(model: nn.Module) -> dict[str, SparseGradLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SparseGradLinear)}
 
 
+def _bases_on(bases: SparseGradBases, kind: str, device: torch.device,
+              cache: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bases of ``kind`` on ``device`` in fp32: one copy per kind and device, shared by the blocks of a kind."""
+    if (kind, device) not in cache:
+        u_out, u_in = bases.get(kind)
+        cache[(kind, device)] = (u_out.to(device, torch.float32).contiguous(), u_in.to(device, torch.float32).contiguous())
+    return cache[(kind, device)]
+
+
 def get_sparsegrad_model(model: nn.Module, config: SparseGradConfig, bases: SparseGradBases) -> nn.Module:
     """Swap, in place, every nn.Linear the config selects for a `SparseGradLinear` using ``bases``.
 
@@ -49,12 +58,7 @@ def get_sparsegrad_model(model: nn.Module, config: SparseGradConfig, bases: Spar
         plans.append((name, linear, kind, config.budget(out_f, in_f, name=name)))
     on_device: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
     for name, linear, kind, k in plans:
-        device = linear.weight.device
-        if (kind, device) not in on_device:  # one copy per kind: blocks share their bases
-            u_out, u_in = bases.get(kind)
-            on_device[(kind, device)] = (u_out.to(device, torch.float32).contiguous(),
-                                         u_in.to(device, torch.float32).contiguous())
-        u_out, u_in = on_device[(kind, device)]
+        u_out, u_in = _bases_on(bases, kind, linear.weight.device, on_device)
         fixed = bases.fixed_supports.get(name) if config.support == "fixed" else None
         if fixed is not None and fixed.numel() != k:
             fixed = None  # calibrated for another budget: choose from the first step instead
@@ -81,19 +85,13 @@ def refresh_bases(model: nn.Module, bases: SparseGradBases, optimizer: torch.opt
         from .io import tensors_sha256  # the adapter's base fingerprint, taken before the first fold changes W0
 
         setattr(model, PRETRAINED_HASH_ATTR, tensors_sha256([(n, l.base_weight) for n, l in layers.items()]))
-    records: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for name, layer in layers.items():
-        if layer.kind not in records:  # one CPU copy per kind of the bases being folded away
-            records[layer.kind] = (layer.u_out.float().cpu(), layer.u_in.float().cpu())
+    records: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # one CPU copy per kind of the bases folded away
     moved: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
     for name, layer in layers.items():
-        device = layer.weight.device
-        if (layer.kind, device) not in moved:
-            u_out, u_in = bases.get(layer.kind)
-            moved[(layer.kind, device)] = (u_out.to(device, torch.float32).contiguous(),
-                                           u_in.to(device, torch.float32).contiguous())
+        # taken before this kind's first fold: the layers of a kind share one basis tensor until then
+        record = records.setdefault(layer.kind, (layer.u_out.float().cpu(), layer.u_in.float().cpu()))
         fixed = bases.fixed_supports.get(name) if layer.support == "fixed" else None
-        layer.fold(*moved[(layer.kind, device)], record=records[layer.kind],
+        layer.fold(*_bases_on(bases, layer.kind, layer.weight.device, moved), record=record,
                    fixed_indices=fixed if fixed is not None and fixed.numel() == layer.k else None)
         if optimizer is not None:
             optimizer.state.pop(layer.weight, None)

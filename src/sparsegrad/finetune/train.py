@@ -654,7 +654,7 @@ def _finetune_classifier(cfg: FinetuneConfig, ctx, block_indices) -> dict[str, A
             for position, batch in enumerate(batches[first:], start=first):
                 if step >= total_steps:
                     break
-                if cfg.refresh_every and step % cfg.refresh_every == 0 and 0 < step and step not in refreshes:
+                if cfg.refresh_every and step and step % cfg.refresh_every == 0:
                     # Basis refresh: recalibrate at the current point on the next batches (they are then trained
                     # on as usual), fold the delta into the frozen weight, continue in the new bases.
                     r0 = time.perf_counter()
