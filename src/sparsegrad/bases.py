@@ -191,6 +191,47 @@ def _default_loss(model: nn.Module, batch: Any) -> Tensor:
     return loss
 
 
+def _check_batch(model: nn.Module, batch: Any, step: int, default_loss: bool) -> None:
+    """Before the forward: a batch ``model(**batch)`` can take, with rows, and labels the model can score."""
+    if not isinstance(batch, Mapping):
+        if default_loss:
+            raise TypeError(f"calibration batch {step} is a {type(batch).__name__}: batches must be dicts fed as "
+                            "model(**batch), or pass loss_fn(model, batch) for other batches")
+        return
+    tensors = {k: v for k, v in batch.items() if isinstance(v, Tensor)}
+    empty = [k for k, v in tensors.items() if v.dim() > 0 and v.shape[0] == 0]
+    if empty:
+        raise ValueError(f"calibration batch {step} has 0 rows ({empty[0]} is {tuple(tensors[empty[0]].shape)}): drop "
+                         "empty batches")
+    labels = tensors.get("labels")
+    config = getattr(model, "config", None)
+    if labels is None or config is None or labels.is_floating_point() or labels.numel() == 0:
+        return
+    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if labels.dim() > 1 and lm_head is not None:  # one label per token of a language model: its vocabulary
+        bound, what = lm_head.weight.shape[0], "an output vocabulary of "
+    else:  # one label per row (sequence classification) or per token (token classification)
+        bound, what = getattr(config, "num_labels", None), "num_labels="
+    used = labels[labels != -100]  # -100: ignored by cross-entropy
+    if isinstance(bound, int) and used.numel() and (int(used.min()) < 0 or int(used.max()) >= bound):
+        raise ValueError(f"calibration batch {step}: labels range over [{int(used.min())}, {int(used.max())}] but the "
+                         f"model has {what}{bound} (labels must be in 0..{bound - 1}, or -100 to ignore)")
+
+
+def _checked_loss(loss: Any, step: int) -> Tensor:
+    """The loss of one calibration batch: a scalar tensor that depends on the model."""
+    if not isinstance(loss, Tensor):
+        raise ValueError(f"loss_fn returned a {type(loss).__name__} at calibration step {step}: it must return the "
+                         "loss as a scalar tensor (not .item(), not a float)")
+    if loss.numel() != 1:
+        raise ValueError(f"loss_fn returned a tensor of shape {tuple(loss.shape)} at calibration step {step}: it "
+                         "must be one scalar (take .mean() or .sum() of per-example losses)")
+    if not loss.requires_grad:
+        raise ValueError(f"the loss at calibration step {step} does not depend on the model's weights (no grad): "
+                         "compute it from the model's outputs, outside torch.no_grad()")
+    return loss
+
+
 def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, Mapping):
         return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
@@ -363,7 +404,8 @@ def estimate_bases(
             if steps is not None and used >= steps:
                 break
             batch = _to_device(batch, device)
-            loss = loss_fn(model, batch)
+            _check_batch(model, batch, used, loss_fn is _default_loss)
+            loss = _checked_loss(loss_fn(model, batch), used)
             if not bool(torch.isfinite(loss.detach()).all()):
                 message = (f"calibration loss is not finite at step {used}: {float(loss.detach()):.4g}; check the "
                            "batches (labels in range, no empty inputs) and the model's dtype")
