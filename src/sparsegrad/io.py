@@ -35,12 +35,10 @@ import socket
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # torch and safetensors are imported where used: the folder and lock primitives start fast
+    from torch import Tensor
 
 MARKER_NAME = ".sparsegrad"  # ownership marker: {"tool": "sparsegrad", "kind": ..., "files": [...]}
 SWAP_MARKER_NAME = ".sparsegrad-swap"  # transient: inside a folder being swapped in, names its temporary folder
@@ -109,11 +107,13 @@ def fault_point(name: str) -> None:
     want = os.environ.get(KILL_ENV)
     if not want:
         return
-    point, _, nth = want.partition(":")
+    point, _, nth = want.rpartition(":")
+    if not nth.isdigit():
+        point, nth = want, "1"
     if point != name:
         return
     _fault_counts[name] = _fault_counts.get(name, 0) + 1
-    if _fault_counts[name] == int(nth or 1):
+    if _fault_counts[name] == int(nth):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -234,10 +234,8 @@ def strict_json(obj: Any, **dumps_kwargs: Any) -> str:
             return [clean(v) for v in x]
         if isinstance(x, Path):
             return str(x)
-        if isinstance(x, Tensor):
+        if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):  # tensors, numpy arrays and scalars
             return clean(x.tolist())
-        if hasattr(x, "item") and callable(x.item) and not isinstance(x, (str, bytes)):  # numpy scalars
-            return clean(x.item())
         return x
 
     return json.dumps(clean(obj), allow_nan=False, **dumps_kwargs)
@@ -523,8 +521,9 @@ def recover_leftovers(folder: str | os.PathLike, names: Iterable[str] | None = N
     one line per action. Only what a marker or the exact layout proves this tool made, and whose writer is no
     longer running (PID and host in the marker or name), is touched:
 
-    * ``.NAME.tmp-X`` whose swap marker names itself: a new folder never swapped in: removed; or, when ``NAME`` is
-      missing and it is complete (the two-rename fallback killed between its renames), renamed to ``NAME``;
+    * ``.NAME.tmp-X`` whose swap marker names itself: a new folder never swapped in: removed; or, when it is
+      complete, ``NAME`` is missing and ``.NAME.old-X`` exists (the two-rename fallback killed between its
+      renames), renamed to ``NAME``;
     * ``.NAME.tmp-X`` / ``.NAME.old-X`` when the swap marker inside ``NAME`` names ``.NAME.tmp-X``: the replaced old
       folder: removed;
     * ``.NAME.old-X`` holding only ``NAME`` (the layout of sparsegrad <= 0.x) while ``NAME`` is missing: put back;
@@ -547,6 +546,9 @@ def recover_leftovers(folder: str | os.PathLike, names: Iterable[str] | None = N
                 and not _pid_alive(int(m["pid"]), socket.gethostname())):
             child.unlink()
             actions.append(f"removed {child} (a temporary file of a killed writer)")
+            continue
+        if wanted is None and child.is_dir() and (child / SWAP_MARKER_NAME).is_file():
+            groups.setdefault(child.name, {})  # a stale swap marker, nothing beside it
     for name in sorted(set(groups) | (wanted or set())):
         actions += _recover_one(folder / name, groups.get(name, {}))
     if actions:
@@ -561,7 +563,8 @@ def _recover_one(final: Path, leftovers: dict[str, Path]) -> list[str]:
         if own is not None and own.get("swap") == path.name:  # a new folder: never swapped in
             if _pid_alive(own.get("pid"), own.get("host")):
                 continue  # its writer is still at work
-            if not final.exists() and own.get("complete"):
+            moved_aside = path.name.replace(".tmp-", ".old-", 1) in leftovers
+            if not final.exists() and own.get("complete") and moved_aside:
                 os.rename(path, final)
                 actions.append(f"restored {final} from the complete new folder {path.name}")
             else:
@@ -711,6 +714,8 @@ def check_separate(output: str | os.PathLike, option: str, inputs: Mapping[str, 
 # -------------------------------------------------------------------------------------------- checked reads
 def tensors_sha256(tensors: list[tuple[str, Tensor]]) -> str:
     """sha256 over the names, shapes and raw bytes of named tensors, in order."""
+    import torch
+
     digest = hashlib.sha256()
     for name, t in tensors:
         digest.update(name.encode())
@@ -725,6 +730,9 @@ def sha256_bytes(data: bytes) -> str:
 
 def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, Tensor], bytes]:
     """Load a safetensors file, turning a missing, empty, truncated or corrupt file into a clear ValueError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
