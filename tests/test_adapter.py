@@ -155,3 +155,18 @@ def test_load_refuses_inconsistent_tensors(tmp_path, corrupt, msg):
     (path / "adapter_config.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=re.escape(msg)):
         sg.load_adapter(make_tiny_bert(), path)
+
+
+def test_extra_files_are_saved_checked_and_named_safely(tmp_path):
+    model = converted_bert()
+    path = sg.save_adapter(model, tmp_path / "a", extra_files={"task.json": b'{"x": 1}'})
+    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "task.json"]
+    assert sg.adapter.read_adapter_file(path, "task.json") == b'{"x": 1}'
+    with pytest.raises(ValueError, match="records no file 'other.json'"):
+        sg.adapter.read_adapter_file(path, "other.json")
+    for bad in ("../escape.json", "sub/x", ".hidden", "adapter_config.json", ""):
+        with pytest.raises(ValueError, match="must be a plain file name"):
+            sg.save_adapter(model, tmp_path / "b", extra_files={bad: b"x"})
+    with pytest.raises(TypeError, match="must be bytes"):
+        sg.save_adapter(model, tmp_path / "b", extra_files={"task.json": "text"})
+    assert not (tmp_path / "b").exists() and not (tmp_path / "escape.json").exists()

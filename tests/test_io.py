@@ -298,3 +298,28 @@ def test_recover_leftovers_only_touches_what_it_can_prove(tmp_path):
     actions = recover_leftovers(tmp_path)
     assert len(actions) == 1 and "killed writer" in actions[0]
     assert names(tmp_path) == [".adapter.tmp-userdir", ".loss.csv.tmp", f".metrics.json.sg{os.getpid()}-live.tmp"]
+
+
+def test_checksums_in_the_marker_catch_edits_of_any_file(tmp_path):
+    """For folders whose files have no checksum of their own (a LoRA adapter, task.json, a merged model)."""
+    from sparsegrad.io import EditedError, verify_ours
+
+    with atomic_directory(tmp_path / "adapter", owner="adapter", checksums=True) as tmp:
+        (tmp / "task.json").write_text('{"label_names": ["a", "b"]}')
+        (tmp / "adapter_model.safetensors").write_bytes(b"w" * 3000000)  # several read blocks
+    folder = tmp_path / "adapter"
+    verify_ours(folder)
+    atomic_write_bytes(folder / "loss.csv", b"1")
+    (folder / "task.json").write_text('{"label_names": ["b", "a"]}')
+    record_ours(folder, "loss.csv")  # adding a file does not bless the edit of another
+    with pytest.raises(EditedError, match=r"task.json was edited or replaced after sparsegrad wrote it"):
+        verify_ours(folder)
+    verify_ours(folder, ["adapter_model.safetensors", "loss.csv"])
+    (folder / "adapter_model.safetensors").unlink()
+    with pytest.raises(EditedError, match="adapter_model.safetensors is missing"):
+        verify_ours(folder, ["adapter_model.safetensors"])
+    with pytest.raises(EditedError, match="not among the files"):
+        verify_ours(folder, ["other.bin"])
+    mark_ours(tmp_path, "run")
+    with pytest.raises(NotOursError, match="holds no sparsegrad checksums"):
+        verify_ours(tmp_path)

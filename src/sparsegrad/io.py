@@ -60,6 +60,10 @@ class NotOursError(SafetyError):
     """A folder this tool cannot prove it wrote (no marker, or files it did not write inside)."""
 
 
+class EditedError(SafetyError):
+    """A file this tool wrote that was changed, replaced or deleted since (its recorded checksum differs)."""
+
+
 class FolderLockedError(SafetyError):
     """Another live process holds the output folder's lock."""
 
@@ -282,21 +286,59 @@ def _tree_names(root: Path) -> list[str]:
     return sorted(out)
 
 
-def mark_ours(folder: str | os.PathLike, kind: str, files: Iterable[str] | None = None) -> None:
+def mark_ours(folder: str | os.PathLike, kind: str, files: Iterable[str] | None = None, *,
+              checksums: bool = False) -> None:
     """Write the ownership marker into ``folder``: it was made by this tool, as a ``kind`` folder (e.g. "run",
-    "adapter", "merged", "checkpoint"), holding ``files`` (relative paths; default: what it holds now)."""
+    "adapter", "merged", "checkpoint"), holding ``files`` (relative paths; default: what it holds now). With
+    ``checksums`` the sha256 of every file is recorded too, for `verify_ours`."""
     folder = Path(folder)
     names = _tree_names(folder) if files is None else sorted(set(files))
-    atomic_write_json(folder / MARKER_NAME, {"tool": TOOL, "kind": kind, "version": 1, "files": names})
+    marker: dict[str, Any] = {"tool": TOOL, "kind": kind, "version": 1, "files": names}
+    if checksums:
+        marker["sha256"] = {n: file_sha256(folder / n) for n in names if (folder / n).is_file()}
+    atomic_write_json(folder / MARKER_NAME, marker)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_ours(folder: str | os.PathLike, names: Iterable[str] | None = None) -> None:
+    """Every file whose checksum the marker of ``folder`` records (or only ``names``) is there, unchanged; else
+    `EditedError` naming the first that is missing or differs. `NotOursError` if the folder has no checksums."""
+    folder = Path(folder)
+    marker = read_marker(folder)
+    recorded = marker.get("sha256") if marker else None
+    if not isinstance(recorded, dict):
+        raise NotOursError(f"{folder} holds no sparsegrad checksums (it was not written by sparsegrad, or before "
+                           "they existed)")
+    for name in sorted(recorded) if names is None else names:
+        path = folder / name
+        if name not in recorded:
+            raise EditedError(f"{path} is not among the files sparsegrad wrote into {folder}")
+        if not path.is_file():
+            raise EditedError(f"{path} is missing: {folder} is incomplete")
+        if file_sha256(path) != recorded[name]:
+            raise EditedError(f"{path} was edited or replaced after sparsegrad wrote it (checksum differs); "
+                              "restore it or write the folder again")
 
 
 def record_ours(folder: str | os.PathLike, *names: str) -> None:
     """Add ``names`` (relative paths this tool wrote into an owned folder, e.g. a run's ``loss.csv``) to its
-    marker, so that `remove_ours` may delete them. Raises `NotOursError` if the folder is not ours."""
+    marker, so that `remove_ours` may delete them (and, if it keeps checksums, `verify_ours` check them). Raises
+    `NotOursError` if the folder is not ours."""
+    folder = Path(folder)
     marker = read_marker(folder)
     if marker is None:
         raise NotOursError(f"{folder} has no sparsegrad marker: it was not made by this tool")
-    mark_ours(folder, marker["kind"], [*marker.get("files", []), *names])
+    marker["files"] = sorted({*marker.get("files", []), *names})
+    if isinstance(marker.get("sha256"), dict):  # the earlier files keep their recorded checksums
+        marker["sha256"].update({n: file_sha256(folder / n) for n in names if (folder / n).is_file()})
+    atomic_write_json(folder / MARKER_NAME, marker)
 
 
 def read_marker(folder: str | os.PathLike) -> dict[str, Any] | None:
@@ -407,8 +449,8 @@ def _write_small(path: Path, obj: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(final: str | os.PathLike, *, owner: str | None = None,
-                     replace: str | None = None) -> Iterator[Path]:
+def atomic_directory(final: str | os.PathLike, *, owner: str | None = None, replace: str | None = None,
+                     checksums: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``final`` (``.NAME.tmp-*``) to fill; when the block ends without error
     it takes the place of ``final``, whole. On error ``final`` is untouched and the temporary folder removed.
 
@@ -418,7 +460,8 @@ def atomic_directory(final: str | os.PathLike, *, owner: str | None = None,
     cannot exchange (NFS, FAT, some FUSE) it is two renames; a crash between them leaves ``final`` missing until
     `recover_leftovers` puts the complete new folder in place.
 
-    ``owner``: also mark the new folder ours as that kind (`mark_ours`, listing every file written). ``replace``:
+    ``owner``: also mark the new folder ours as that kind (`mark_ours`, listing every file written; with
+    ``checksums`` their sha256 too, for `verify_ours`). ``replace``:
     "ours" (the default with ``owner``) refuses with `NotOursError`, before anything is written, to replace an
     existing non-empty ``final`` unless it is a folder of that kind holding only what sparsegrad wrote; "any" (the
     default without ``owner``, the legacy behaviour) replaces whatever folder is there.
@@ -440,7 +483,7 @@ def atomic_directory(final: str | os.PathLike, *, owner: str | None = None,
             yield tmp
             fault_point("dir:filled")
             if owner:
-                mark_ours(tmp, owner)
+                mark_ours(tmp, owner, checksums=checksums)
             _fsync_tree(tmp)
             _write_small(tmp / SWAP_MARKER_NAME, _swap_marker(tmp, final, complete=True))
             fault_point("dir:before-swap")
