@@ -80,12 +80,11 @@ class WriteFailed(OSError):
     """A write that failed for a reason of the disk (full, quota, read-only, permission): one clear line. The
     previous file or folder, if any, is intact and no half-written file is left. ``errno`` is the original one."""
 
-    def __init__(self, err: int, path: str | os.PathLike, detail: str = ""):
+    def __init__(self, err: int, path: str | os.PathLike):
         super().__init__(err, DISK_ERRNOS.get(err, os.strerror(err)), str(path))
-        self.detail = detail
 
     def __str__(self) -> str:
-        return (f"cannot write {self.filename}: {self.strerror} ({os.strerror(self.errno)}){self.detail}; "
+        return (f"cannot write {self.filename}: {self.strerror} ({os.strerror(self.errno)}); "
                 "nothing was half-written and the previous version, if any, is intact")
 
 
@@ -153,6 +152,8 @@ def _fsync_tree(root: Path) -> None:
     """fsync every file and folder under ``root`` (files written by others, e.g. transformers, are not)."""
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
+            if os.path.islink(os.path.join(dirpath, name)):
+                continue  # not ours to flush (and perhaps dangling)
             fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
             try:
                 os.fsync(fd)
