@@ -29,7 +29,7 @@ from torch import nn
 
 from .bases import SparseGradBases, check_orthogonal
 from .config import SparseGradConfig
-from .io import atomic_write_bytes, read_safetensors, sha256_bytes, tensors_sha256
+from .io import atomic_write_bytes, read_json_object, read_safetensors, sha256_bytes, tensors_sha256
 from .model import CONFIG_ATTR, PRETRAINED_HASH_ATTR, get_sparsegrad_model, sparsegrad_layers
 from .targets import find_targets
 
@@ -327,15 +327,7 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
 def _read_meta(cfg_file: Path) -> dict[str, Any]:
     if not cfg_file.parent.is_dir():
         raise FileNotFoundError(f"adapter directory not found: {cfg_file.parent}")
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} is missing: not a sparsegrad adapter directory")
-    try:
-        meta = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{cfg_file} is not valid JSON ({exc}); the adapter is corrupt") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{cfg_file} is not a sparsegrad adapter config (format != {FORMAT!r})")
-    return meta
+    return read_json_object(cfg_file, "a sparsegrad adapter config", FORMAT)
 
 
 def load_adapter(base_model: nn.Module, path: str | Path, *, bases: SparseGradBases | None = None) -> nn.Module:

@@ -772,6 +772,21 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def read_json_object(path: str | os.PathLike, what: str, fmt: str | None = None) -> dict[str, Any]:
+    """A JSON object file written by this tool: FileNotFoundError if missing; ValueError (one line) if it is not
+    valid JSON, not an object, or (with ``fmt``) its ``"format"`` is not ``fmt``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: not {what}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); {what} is corrupt") from None
+    if not isinstance(data, dict) or (fmt is not None and data.get("format") != fmt):
+        raise ValueError(f"{path} is not {what} (format != {fmt!r})")
+    return data
+
+
 def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, Tensor], bytes]:
     """Load a safetensors file, turning a missing, empty, truncated or corrupt file into a clear ValueError."""
     from safetensors import SafetensorError
