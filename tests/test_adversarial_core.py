@@ -276,7 +276,7 @@ FILE_CASES = [
      "contains --adapter", ["run", "run/.sparsegrad", "run/NOTES.txt", "run/adapter", "run/adapter/.sparsegrad",
                             "run/adapter/adapter_config.json", "run/loss.csv", "run/metrics.json"]),
     ("merge replacing a run folder", replace_run_dir_as_merged, sio.NotOursError,
-     "not a merged folder written by sparsegrad", ["run", "run/.sparsegrad", "run/NOTES.txt", "run/adapter",
+     "sparsegrad did not write it as a 'merged' folder", ["run", "run/.sparsegrad", "run/NOTES.txt", "run/adapter",
                                                    "run/adapter/.sparsegrad", "run/adapter/adapter_config.json",
                                                    "run/loss.csv", "run/metrics.json"]),
     ("a user's checkpoints/ folder", remove_users_checkpoints, sio.NotOursError, "no sparsegrad marker",

@@ -197,7 +197,7 @@ def test_atomic_directory_with_owner_refuses_to_replace_what_is_not_ours(tmp_pat
     merged = tmp_path / "merged"
     merged.mkdir()
     (merged / "NOTES.txt").write_text("mine")
-    with pytest.raises(NotOursError, match="not a merged folder written by sparsegrad"):
+    with pytest.raises(NotOursError, match="sparsegrad did not write it as a 'merged' folder"):
         with atomic_directory(merged, owner="merged") as tmp:
             pytest.fail("must refuse before yielding")
     assert names(merged) == ["NOTES.txt"] and names(tmp_path) == ["merged"]
@@ -213,7 +213,7 @@ def test_atomic_directory_with_owner_refuses_to_replace_what_is_not_ours(tmp_pat
         (tmp / "model.safetensors").write_text("2")
     assert (merged / "model.safetensors").read_text() == "2"
     assert names(merged) == [sio.MARKER_NAME, "model.safetensors"]
-    with pytest.raises(NotOursError, match="not a adapter folder"):
+    with pytest.raises(NotOursError, match="did not write it as a 'adapter' folder"):
         with atomic_directory(merged, owner="adapter"):
             pass
     (tmp_path / "file").write_text("x")

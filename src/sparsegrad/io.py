@@ -511,8 +511,8 @@ def _check_replaceable(final: Path, owner: str | None) -> None:
     if owner is None or not any(final.iterdir()):
         return
     if not is_ours(final, owner):
-        raise NotOursError(f"refusing to replace {final}: it is not a {owner} folder written by sparsegrad (no "
-                           "marker); choose another path or move it away")
+        raise NotOursError(f"refusing to replace {final}: sparsegrad did not write it as a {owner!r} folder (no "
+                           "marker of that kind); choose another path or move it away")
     foreign = foreign_entries(final)
     if foreign:
         raise NotOursError(f"refusing to replace {final}: it holds files sparsegrad did not write "
