@@ -139,3 +139,26 @@ def test_bases_file_errors(tmp_path):
         sg.SparseGradBases.load(bad)
     with pytest.raises(FileNotFoundError):
         sg.SparseGradBases.load(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (lambda t, m: t.__setitem__("u_out/k", t["u_out/k"] * 1.01), "u_out of 'k' in .* is not orthogonal"),
+    (lambda t, m: t.__setitem__("u_in/k", t["u_in/k"][:, :3].contiguous()), "must be a square matrix"),
+    (lambda t, m: m.__setitem__("report", "{oops"), "'identity' or 'report' metadata is damaged"),
+    (lambda t, m: m.__setitem__("identity", "3"), "'identity' or 'report' metadata is damaged"),
+])
+def test_bases_file_contents_are_checked_on_load(tmp_path, edit, msg):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    q = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(1)))[0].contiguous()
+    path = tmp_path / "bases.safetensors"
+    sg.SparseGradBases(factors={"k": (q, torch.eye(4))}).save(path)
+    assert torch.equal(sg.SparseGradBases.load(path).factors["k"][0], q)  # orthogonal: loads
+    tensors = {"u_out/k": q.clone(), "u_in/k": torch.eye(4)}
+    with safe_open(str(path), framework="pt") as handle:
+        meta = dict(handle.metadata())
+    edit(tensors, meta)
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ValueError, match=msg):
+        sg.SparseGradBases.load(path)

@@ -83,12 +83,14 @@ class SparseGradBases:
                                  "written by SparseGradBases.save; calibrate again")
             check_orthogonal(u_out, f"u_out of {kind!r} in {path}")
             check_orthogonal(u_in, f"u_in of {kind!r} in {path}")
-        return cls(
-            factors={k: (v[0], v[1]) for k, v in factors.items()},
-            identity=json.loads(meta.get("identity", "false")),
-            fixed_supports=supports,
-            report=json.loads(meta.get("report", "{}")),
-        )
+        try:
+            identity, report = json.loads(meta.get("identity", "false")), json.loads(meta.get("report", "{}"))
+        except ValueError:
+            identity = report = None
+        if not isinstance(identity, bool) or not isinstance(report, dict):
+            raise ValueError(f"bases file {path}: its 'identity' or 'report' metadata is damaged; calibrate again")
+        return cls(factors={k: (v[0], v[1]) for k, v in factors.items()}, identity=identity,
+                   fixed_supports=supports, report=report)
 
 
 ORTHOGONALITY_TOL = 1e-3
