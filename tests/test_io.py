@@ -323,3 +323,27 @@ def test_checksums_in_the_marker_catch_edits_of_any_file(tmp_path):
     mark_ours(tmp_path, "run")
     with pytest.raises(NotOursError, match="holds no sparsegrad checksums"):
         verify_ours(tmp_path)
+
+
+def test_prepare_output_folder_runs_the_whole_preflight(tmp_path):
+    from sparsegrad.io import prepare_output_folder
+
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    with pytest.raises(PathRelationError, match="--output-dir .* contains --adapter"):
+        prepare_output_folder(tmp_path / "run", "--output-dir", inputs={"--adapter": adapter})
+    with pytest.raises(SafetyError, match="is empty"):
+        prepare_output_folder("", "--output-dir")
+    out = tmp_path / "new"
+    (tmp_path / f".new.sg{dead_pid()}-x.tmp").write_text("a leftover beside, not inside: kept")
+    with prepare_output_folder(out, "--output-dir", inputs={"--adapter": adapter}) as lock:
+        assert lock.created and is_ours(out, "run") and lock.recovered == []
+        with pytest.raises(FolderLockedError, match=f"--output-dir {out} is in use .*PID {os.getpid()}"):
+            prepare_output_folder(out, "--output-dir")
+    remove_ours(out)  # a failed run's folder that holds nothing else
+    assert not out.exists()
+    (out / "checkpoints").mkdir(parents=True)  # an existing folder is used, not claimed
+    (out / f".loss.csv.sg{dead_pid()}-y.tmp").write_text("half")
+    with prepare_output_folder(out, "--output-dir") as lock:
+        assert not lock.created and not is_ours(out) and len(lock.recovered) == 1
+    assert names(out) == ["checkpoints"]

@@ -642,6 +642,8 @@ class FolderLock:
         self.folder, self.what = Path(folder), what
         self.path = self.folder / LOCK_NAME
         self.fd: int | None = None
+        self.created = False  # set by prepare_output_folder
+        self.recovered: list[str] = []
 
     def acquire(self) -> "FolderLock":
         with _disk_errors(self.path):
@@ -753,6 +755,25 @@ def check_separate(output: str | os.PathLike, option: str, inputs: Mapping[str, 
             continue
         raise PathRelationError(f"{option} {output} {relation} {name} {raw}: writing there could replace the input; "
                                 "choose a separate folder")
+
+
+def prepare_output_folder(raw: str | os.PathLike, option: str, *, kind: str = "run",
+                          inputs: Mapping[str, str | os.PathLike | None] | None = None,
+                          need_bytes: int = 0) -> FolderLock:
+    """All the pre-flight of a command that writes into an output folder, in order, before any heavy work:
+    `check_output_path`, `check_separate` against ``inputs``, `check_writable` (``need_bytes``), then create the
+    folder marked ours as ``kind`` when it does not exist (`make_owned_dir`), take its lock (`lock_folder`) and
+    clean what killed writers left in it (`recover_leftovers`). Returns the held lock (use it as a context manager,
+    or call ``release``); ``lock.created`` says whether the folder is new (a failed run may then `remove_ours` it),
+    ``lock.recovered`` lists the recovery's actions."""
+    folder = check_output_path(raw, option)
+    check_separate(folder, option, inputs or {})
+    check_writable(folder, option, need_bytes)
+    created = make_owned_dir(folder, kind)
+    lock = lock_folder(folder, option)
+    lock.created = created
+    lock.recovered = recover_leftovers(folder)
+    return lock
 
 
 # -------------------------------------------------------------------------------------------- checked reads
