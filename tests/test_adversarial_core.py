@@ -39,6 +39,8 @@ spec.loader.exec_module(sio)
 final, owner = Path(sys.argv[2]), sys.argv[3] or None
 if sys.argv[4] == "file":
     sio.atomic_write_bytes(final, b"new")
+elif sys.argv[4] == "recover":
+    sio.recover_leftovers(final.parent)
 else:
     with sio.atomic_directory(final, owner=owner) as tmp:
         sio.atomic_write_bytes(tmp / "a", b"new-a")
@@ -120,6 +122,22 @@ def test_sigkill_before_a_file_rename_keeps_the_old_file(tmp_path):
 
 def proc_pid(name: str) -> str:
     return name.split(".sg")[1].split("-")[0]
+
+
+@pytest.mark.parametrize("point", ["dir:before-swap", "dir:after-swap"])
+def test_sigkill_during_the_recovery_itself(tmp_path, point):
+    """The recovery removes a leftover's swap marker last, so a recovery killed half-way can be run again."""
+    final = tmp_path / "adapter"
+    with sio.atomic_directory(final) as tmp:
+        for name, data in OLD.items():
+            (tmp / name).write_bytes(data)
+    assert run_writer(final, point).returncode == -signal.SIGKILL
+    [leftover] = [p for p in tmp_path.iterdir() if p.name != "adapter"]
+    assert run_writer(final, "dir:mid-remove", what="recover").returncode == -signal.SIGKILL
+    assert leftover.is_dir() and len(list(leftover.iterdir())) < 3  # killed half-way through removing it
+    sio.recover_leftovers(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+    assert contents(final) == (OLD if point == "dir:before-swap" else NEW)
 
 
 def test_first_write_killed_before_the_swap_leaves_nothing_after_recovery(tmp_path):

@@ -492,13 +492,14 @@ def atomic_directory(final: str | os.PathLike, *, owner: str | None = None, repl
             swapped = True
             fault_point("dir:after-swap")
             if old is not None:
-                _rmtree_old(old)
+                _remove_folder(old)
             fault_point("dir:before-unmark")
             (final / SWAP_MARKER_NAME).unlink()
             fsync_dir(final)
     finally:
         if not swapped and tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the error that brought us here is the one to report
+                _remove_folder(tmp)
 
 
 def _check_replaceable(final: Path, owner: str | None) -> None:
@@ -542,18 +543,19 @@ def _swap_in(tmp: Path, final: Path) -> Path | None:
     return old
 
 
-def _rmtree_old(old: Path) -> None:
-    """Remove the replaced folder, its own name last: a crash half-way leaves a leftover that `recover_leftovers`
-    recognises by its name and by the swap marker in the new folder."""
-    for i, child in enumerate(sorted(old.iterdir())):
+def _remove_folder(folder: Path) -> None:
+    """Remove a temporary or replaced folder, its swap marker and then its name last: a crash half-way leaves a
+    leftover that `recover_leftovers` still recognises (by that marker, or by the one in the new folder)."""
+    children = sorted(folder.iterdir(), key=lambda c: (c.name == SWAP_MARKER_NAME, c.name))
+    for i, child in enumerate(children):
         if i == 1:
             fault_point("dir:mid-remove")
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
         else:
             child.unlink()
-    old.rmdir()
-    fsync_dir(old.parent)
+    folder.rmdir()
+    fsync_dir(folder.parent)
 
 
 _LEFTOVER_DIR = re.compile(r"^\.(?P<name>.+)\.(?P<what>tmp|old)-(?P<id>[A-Za-z0-9_]+)$")
@@ -612,14 +614,14 @@ def _recover_one(final: Path, leftovers: dict[str, Path]) -> list[str]:
                 os.rename(path, final)
                 actions.append(f"restored {final} from the complete new folder {path.name}")
             else:
-                shutil.rmtree(path)
+                _remove_folder(path)
                 actions.append(f"removed {path} (a new folder that was never swapped in)")
             continue
         swap = _read_json(final / SWAP_MARKER_NAME) if final.is_dir() else None
         tmp_name = path.name.replace(".old-", ".tmp-", 1)
         if swap is not None and swap.get("swap") == tmp_name:  # the old folder this swap replaced
             if not _pid_alive(swap.get("pid"), swap.get("host")):
-                shutil.rmtree(path)
+                _remove_folder(path)
                 actions.append(f"removed {path} (the old folder replaced by {final.name})")
         elif ".old-" in path.name and not final.exists() and [c.name for c in path.iterdir()] == [final.name]:
             os.rename(path / final.name, final)  # the older two-rename layout: the old folder was moved in here
