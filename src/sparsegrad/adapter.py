@@ -121,8 +121,10 @@ def check_adapter_tensors(meta: dict[str, Any], tensors: dict[str, torch.Tensor]
                              "edited)")
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{where}: {name} holds NaN or inf; the adapter is unusable")
-    known = set(bases) | set(trained) | {f"{prefix}{n}.{part}" for n in layers for part in ("delta_indices", "delta_values")
-                                         for prefix in ["", *(f"folded/{s}/" for s in range(segments))]}
+    prefixes = ["", *(f"folded/{s}/" for s in range(segments))]
+    deltas = {f"{prefix}{n}.{part}" for prefix in prefixes for n in layers
+              for part in ("delta_indices", "delta_values")}
+    known = set(bases) | set(trained) | deltas
     unlisted = sorted(set(tensors) - known)
     if unlisted:
         raise ValueError(f"{where} holds {unlisted[:3]}, which {CONFIG_NAME} does not list (as a layer or in "
@@ -243,7 +245,7 @@ _META_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
 
 
 def _check_meta(meta: dict[str, Any], cfg_file: Path) -> None:
-    """Every key `load_adapter` reads is there with the right type, and the config's own checksum matches."""
+    """Every key `load_adapter` reads is there with the right type (before any of them is used)."""
     for key, (types, what) in _META_KEYS.items():
         if key not in meta:
             raise ValueError(f"{cfg_file} lacks the key {key!r}: the adapter is damaged or was edited")
@@ -332,7 +334,8 @@ def _read_meta(cfg_file: Path) -> dict[str, Any]:
 
 def load_adapter(base_model: nn.Module, path: str | Path, *, bases: SparseGradBases | None = None) -> nn.Module:
     """Convert ``base_model`` in place and load the adapter at ``path`` into it; returns the model, whose outputs
-    equal those of the model that was saved. Refuses a base with other shapes or other target weights.
+    equal those of the model that was saved. Refuses a base with other shapes, dtype or target weights, and, after
+    loading, a result that is not finite (`check_finite_weights`; the model is converted by then: discard it).
     ``bases`` is needed only for an adapter saved with ``save_bases=False`` (it must be the same bases)."""
     meta, tensors = read_adapter(path)
     try:
