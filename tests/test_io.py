@@ -347,3 +347,16 @@ def test_prepare_output_folder_runs_the_whole_preflight(tmp_path):
     with prepare_output_folder(out, "--output-dir") as lock:
         assert not lock.created and not is_ours(out) and len(lock.recovered) == 1
     assert names(out) == ["checkpoints"]
+
+
+def test_a_disk_error_inside_a_folder_write_names_the_file_by_its_final_place(tmp_path, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(WriteFailed) as info:
+        with atomic_directory(tmp_path / "adapter") as tmp:
+            monkeypatch.setattr(sio.os, "fsync", full)
+            atomic_write_bytes(tmp / "adapter_model.safetensors", b"w")
+    monkeypatch.undo()
+    assert str(info.value).startswith(f"cannot write {tmp_path / 'adapter' / 'adapter_model.safetensors'}: the disk")
+    assert list(tmp_path.iterdir()) == []

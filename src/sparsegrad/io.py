@@ -89,11 +89,14 @@ class WriteFailed(OSError):
 
 
 @contextlib.contextmanager
-def _disk_errors(path: str | os.PathLike) -> Iterator[None]:
-    """Turn a disk-level OSError inside the block into `WriteFailed` naming ``path``."""
+def _disk_errors(path: str | os.PathLike, tmp: Path | None = None) -> Iterator[None]:
+    """Turn a disk-level OSError inside the block into `WriteFailed` naming ``path``; one about a file inside the
+    temporary folder ``tmp`` names it by its place in ``path`` instead (the temporary folder is gone by then)."""
     try:
         yield
-    except WriteFailed:
+    except WriteFailed as exc:
+        if tmp is not None and exc.filename and Path(exc.filename).is_relative_to(tmp):
+            raise WriteFailed(exc.errno, Path(path) / Path(exc.filename).relative_to(tmp)) from exc
         raise
     except OSError as exc:
         if exc.errno in DISK_ERRNOS:
@@ -478,7 +481,7 @@ def atomic_directory(final: str | os.PathLike, *, owner: str | None = None, repl
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     swapped = False
     try:
-        with _disk_errors(final):
+        with _disk_errors(final, tmp):
             os.chmod(tmp, 0o777 & ~_umask())
             _write_small(tmp / SWAP_MARKER_NAME, _swap_marker(tmp, final, complete=False))
             yield tmp
