@@ -9,7 +9,8 @@ expert's matrix as its own out x in linear, with bases shared per kind across ex
   current weights (bit-identical to the parameter it replaces; removed again after the forward);
 * the stack goes through `_StackExperts`, whose backward hands each expert its slice of the dense gradient: to a
   weight that trains densely (a plain linear, a dynamic-support SparseGrad layer) as it is, to a fixed-support
-  layer as the rotated gradient at its support. An expert that no token reached gets no gradient (None);
+  layer as the rotated gradient at its support. An expert that no token reached gets no gradient (None; a zero
+  gradient under torch.distributed, where every rank must reduce every parameter);
 * *fusing* (merge, or the end of a calibration on the base model) puts one 3-D Parameter back in the model's own
   layout.
 
@@ -71,15 +72,27 @@ class _StackExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        # Under DDP every rank must give every parameter a gradient and take part in every all-reduce, whichever
+        # experts its own tokens reached: there an unreached expert gets a zero gradient instead of None.
+        skip_unreached = _world_size() < 2
         grads: list[Tensor | None] = []
         for i, (layer, g) in enumerate(zip(ctx.layers, grad)):
-            if not ctx.needs_input_grad[i + 1] or not bool(g.any()):
+            fixed = isinstance(layer, SparseGradLinear) and layer.support == "fixed"
+            if not ctx.needs_input_grad[i + 1]:
                 grads.append(None)
-            elif isinstance(layer, SparseGradLinear) and layer.support == "fixed":
+            elif fixed and layer.support_pending:  # chosen now, from the rotated gradient averaged over the ranks
                 grads.append(_support_gradient(layer, g))
+            elif skip_unreached and not bool(g.any()):
+                grads.append(None)
             else:
-                grads.append(g)
+                grads.append(_support_gradient(layer, g) if fixed else g)
         return (None, *grads)
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 @torch.no_grad()
