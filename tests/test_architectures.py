@@ -96,6 +96,16 @@ AUTO = {"cls": "AutoModelForSequenceClassification", "image": "AutoModelForImage
         "lm": "AutoModelForCausalLM", "s2s": "AutoModelForSeq2SeqLM", "speech": "AutoModelForSpeechSeq2Seq"}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """32-wide matrices gain nothing from threads, and on a busy machine OpenMP's spinning threads make each tiny op
+    up to 100x slower (a LLaMA case: 10 s with 2 threads at load 6, 0.1 s with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def build(model_type: str, seed: int = 0) -> nn.Module:
     kwargs, task, _, _ = SPECS[model_type]
     config = transformers.AutoConfig.for_model(model_type, **kwargs)
