@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import sparsegrad as sg
+from test_model import one_thread  # noqa: F401  (autouse: tiny models run on one thread, see there)
 
 transformers = pytest.importorskip("transformers")
 
@@ -94,16 +95,6 @@ SPECS = {
 
 AUTO = {"cls": "AutoModelForSequenceClassification", "image": "AutoModelForImageClassification",
         "lm": "AutoModelForCausalLM", "s2s": "AutoModelForSeq2SeqLM", "speech": "AutoModelForSpeechSeq2Seq"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """32-wide matrices gain nothing from threads, and on a busy machine OpenMP's spinning threads make each tiny op
-    up to 100x slower (a LLaMA case: 10 s with 2 threads at load 6, 0.1 s with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build(model_type: str, seed: int = 0) -> nn.Module:
