@@ -222,3 +222,25 @@ def test_conv1d_gradient_is_the_transposed_dense_gradient():
     dense = base.transformer.h[1].mlp.c_fc
     torch.testing.assert_close(layer.weight.grad, dense.weight.grad.T, rtol=0, atol=0)
     torch.testing.assert_close(layer.bias.grad, dense.bias.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("support", ["dynamic", "fixed"])
+@pytest.mark.parametrize("model_type", ["gpt2", "mixtral"])
+def test_basis_refresh_on_conv1d_and_fused_experts(model_type, support, tmp_path):
+    """Recalibrating a converted GPT-2 / Mixtral (its layers' dense gradients) and folding keeps adapters exact."""
+    model = build(model_type)
+    config = sg.SparseGradConfig(density=0.05, support=support)
+    sg.get_sparsegrad_model(model, config, sg.estimate_bases(model, config, batches(model_type, 1), progress=False))
+    opt = sg.create_optimizer(model, lr=1e-2)
+    steps = batches(model_type, 3, seed=1)
+    for i, batch in enumerate(steps):
+        if i == 2:
+            assert sg.refresh_bases(model, sg.estimate_bases(model, config, steps[2:], progress=False), opt) == \
+                SPECS[model_type][3]
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    sg.save_adapter(model, tmp_path / "a")
+    probe = batches(model_type, 1, seed=9)[0]
+    reloaded = sg.load_adapter(build(model_type), tmp_path / "a")
+    torch.testing.assert_close(logits(reloaded, probe), logits(model, probe), rtol=0, atol=0)

@@ -68,6 +68,8 @@ class _StackExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, layers: tuple[nn.Module, ...], *trained: Tensor) -> Tensor:
         ctx.layers = layers
+        ctx.via_support = [isinstance(layer, SparseGradLinear) and t is layer.delta_values
+                           for layer, t in zip(layers, trained)]
         return torch.stack([layer.weight.detach() for layer in layers])
 
     @staticmethod
@@ -76,8 +78,7 @@ class _StackExperts(torch.autograd.Function):
         # experts its own tokens reached: there an unreached expert gets a zero gradient instead of None.
         skip_unreached = _world_size() < 2
         grads: list[Tensor | None] = []
-        for i, (layer, g) in enumerate(zip(ctx.layers, grad)):
-            fixed = isinstance(layer, SparseGradLinear) and layer.support == "fixed"
+        for i, (layer, g, fixed) in enumerate(zip(ctx.layers, grad, ctx.via_support)):
             if not ctx.needs_input_grad[i + 1]:
                 grads.append(None)
             elif fixed and layer.support_pending:  # chosen now, from the rotated gradient averaged over the ranks
@@ -108,10 +109,11 @@ def _support_gradient(layer: SparseGradLinear, grad: Tensor) -> Tensor:
 
 
 def _trained_tensor(layer: nn.Module) -> Tensor:
-    """What the gradient of expert ``layer`` goes to: the delta values of a fixed-support layer, else the weight."""
+    """What the gradient of expert ``layer`` goes to, as in `SparseGradLinear.forward`: the delta values of a
+    fixed-support layer that trains them, else the weight (dynamic support; a calibration on the converted model)."""
     if isinstance(layer, SparseGradLinear):
         layer.sync_weight()
-        if layer.support == "fixed":
+        if layer.support == "fixed" and layer.delta_values.requires_grad:
             return layer.delta_values
     return layer.weight
 
