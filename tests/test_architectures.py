@@ -178,6 +178,16 @@ def test_architecture(model_type, support, tmp_path):
         assert torch.equal(merged.generate(inputs, max_new_tokens=3, do_sample=False), generated)
 
 
+@pytest.mark.parametrize("model_type", list(SPECS))
+def test_the_structural_fallback_finds_the_same_mlp_without_the_registry(model_type):
+    from sparsegrad.targets import structural_mlp_targets
+
+    model = build(model_type)
+    config = sg.SparseGradConfig(target_modules=structural_mlp_targets(model))
+    found = {sg.targets.kind_of(n, config) for n, _ in sg.targets.find_targets(model, config)}
+    assert found == SPECS[model_type][2]
+
+
 def _mixtral():
     config = transformers.MixtralConfig(**dict(MOE, num_local_experts=4, num_hidden_layers=1))
     torch.manual_seed(0)

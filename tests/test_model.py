@@ -214,7 +214,7 @@ class _Net(nn.Module):
 
 def test_unknown_model_type_falls_back_to_the_mlp_shape_and_no_mlp_is_one_clear_error():
     net = _Net()
-    assert sg.mlp_target_modules(net) == r"blocks\.\d+\.up|blocks\.\d+\.down"
+    assert sg.mlp_target_modules(net) == r"blocks\.\d+\.down|blocks\.\d+\.up"
     cfg = sg.SparseGradConfig(k=3)
     sg.get_sparsegrad_model(net, cfg, sg.identity_bases(net, cfg))
     assert sorted(sg.sparsegrad_layers(net)) == ["blocks.0.down", "blocks.0.up", "blocks.1.down", "blocks.1.up"]

@@ -105,10 +105,10 @@ def _is_matrix(entry: object) -> bool:
 
 
 def structural_mlp_targets(model: nn.Module) -> str | None:
-    """A regex of the MLP matrices found by shape: within each repeated block (a name with an index), every
-    matrix mapping hidden -> intermediate (the down projection's in x out, or twice it for a fused gate/up) that
-    sits beside a matrix mapping intermediate -> hidden (intermediate != hidden), preferring siblings of the same
-    parent module. None when no block has such a pair."""
+    """A regex of the MLP matrices found by shape: within each repeated block (a name with an index), each down
+    projection (intermediate -> hidden, intermediate > hidden) and the matrices beside it that map hidden ->
+    intermediate (or to twice it: a fused gate/up), preferring siblings of the same parent module (so that a fused
+    attention projection of the same shape stays out). None when no block has such a pair."""
     blocks: dict[str, list[tuple[str, tuple[int, int]]]] = {}
     for name, entry in _matrices(model):
         match = _BLOCK_INDEX.search(name)
@@ -119,7 +119,7 @@ def structural_mlp_targets(model: nn.Module) -> str | None:
     kinds: list[str] = []
     for members in blocks.values():
         for down, (hidden, inter) in members:
-            if hidden == inter:
+            if inter <= hidden:
                 continue
             ups = [n for n, (o, i) in members if n != down and i == hidden and o in (inter, 2 * inter)]
             parent = down.rpartition(".")[0]
