@@ -20,7 +20,7 @@ calibration, fingerprints and adapters see the same names ``<experts>.<e>.<param
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -111,14 +111,12 @@ def _support_gradient(layer: SparseGradLinear, grad: Tensor) -> Tensor:
 def _trained_tensor(layer: nn.Module) -> Tensor:
     """What the gradient of expert ``layer`` goes to, as in `SparseGradLinear.forward`: the delta values of a
     fixed-support layer that trains them, else the weight (dynamic support; a calibration on the converted model)."""
-    if isinstance(layer, SparseGradLinear):
-        layer.sync_weight()
-        if layer.support == "fixed" and layer.delta_values.requires_grad:
-            return layer.delta_values
+    if isinstance(_synced(layer), SparseGradLinear) and layer.support == "fixed" and layer.delta_values.requires_grad:
+        return layer.delta_values
     return layer.weight
 
 
-def stacked_weights(module: nn.Module, pname: str) -> Tensor:
+def _stacked_weights(module: nn.Module, pname: str) -> Tensor:
     layers = tuple(getattr(module._modules[str(e)], pname) for e in range(module.__dict__[FUSED_ATTR][pname]))
     trained = [_trained_tensor(layer) for layer in layers]
     if torch.is_grad_enabled() and any(t.requires_grad for t in trained):
@@ -128,7 +126,7 @@ def stacked_weights(module: nn.Module, pname: str) -> Tensor:
 
 def _set_stacks(module: nn.Module, args) -> None:
     for pname in module.__dict__[FUSED_ATTR]:
-        object.__setattr__(module, pname, stacked_weights(module, pname))
+        object.__setattr__(module, pname, _stacked_weights(module, pname))
 
 
 def _drop_stacks(module: nn.Module, args, output) -> None:
@@ -142,7 +140,8 @@ class _Expert(nn.Module):
 
 def unfuse(module: nn.Module, pnames: list[str]) -> list[tuple[str, nn.Parameter]]:
     """Replace each 3-D parameter ``pname`` of ``module`` by per-expert nn.Linear children whose weights are views
-    of it (no copy); returns the parameters removed, for `fuse_back`."""
+    of it (no copy), and hook the module so that its forward reads their stack; returns the parameters removed
+    (for `fuse`)."""
     removed = []
     fused = module.__dict__.setdefault(FUSED_ATTR, {})
     for pname in pnames:
@@ -182,11 +181,22 @@ def fuse(module: nn.Module, weights: dict[str, nn.Parameter]) -> None:
         del module.__dict__[FUSED_ATTR]
 
 
-def merged_parameter(module: nn.Module, pname: str, matrix: Callable[[nn.Module], Tensor]) -> nn.Parameter:
-    """The 3-D parameter of the experts' current matrices (``matrix(child)`` each), in the model's layout."""
-    layers = [getattr(module._modules[str(e)], pname) for e in range(module.__dict__[FUSED_ATTR][pname])]
-    requires_grad = any(getattr(layer, "base_requires_grad", layer.weight.requires_grad) for layer in layers)
-    return nn.Parameter(torch.stack([matrix(layer).detach() for layer in layers]), requires_grad=requires_grad)
+def fuse_trained(module: nn.Module) -> None:
+    """Merge: every unfused parameter of ``module`` back as one 3-D Parameter of the experts' current (trained)
+    weights, in the model's layout; trainable when its base parameter was."""
+    weights = {}
+    for pname, experts in module.__dict__[FUSED_ATTR].items():
+        layers = [getattr(module._modules[str(e)], pname) for e in range(experts)]
+        requires_grad = any(getattr(layer, "base_requires_grad", layer.weight.requires_grad) for layer in layers)
+        stacked = torch.stack([_synced(layer).weight.detach() for layer in layers])
+        weights[pname] = nn.Parameter(stacked, requires_grad=requires_grad)
+    fuse(module, weights)
+
+
+def _synced(layer: nn.Module) -> nn.Module:
+    if isinstance(layer, SparseGradLinear):
+        layer.sync_weight()
+    return layer
 
 
 def unfused_modules(model: nn.Module) -> list[nn.Module]:

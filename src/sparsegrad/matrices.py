@@ -20,9 +20,9 @@ from torch import Tensor, nn
 
 from .layer import SparseGradLinear
 
-# nn.Linear subclasses with their own forward whose map is x Wᵀ + b (checked against transformers' source):
-# name -> whether the bias is added after the product (as a separate op) rather than fused into addmm.
-KNOWN_LINEAR_FORWARDS = {"FalconLinear": True}
+# nn.Linear subclasses with their own forward that computes ``x @ W.T``, then ``+ b`` as a separate op (checked
+# against transformers' source): the same map as nn.Linear, rounded like `SparseGradBiasAfterLinear`.
+BIAS_AFTER_PRODUCT = frozenset({"FalconLinear"})
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -37,9 +37,7 @@ def linear_support(module: nn.Module) -> str | None:
     if isinstance(module, nn.Linear):
         if type(module).forward is nn.Linear.forward:
             return "linear"
-        if type(module).__name__ in KNOWN_LINEAR_FORWARDS:
-            return "bias_after" if KNOWN_LINEAR_FORWARDS[type(module).__name__] else "linear"
-        return None
+        return "bias_after" if type(module).__name__ in BIAS_AFTER_PRODUCT else None
     if is_conv1d(module):
         return "conv1d"
     return None

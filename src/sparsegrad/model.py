@@ -7,7 +7,7 @@ from torch import nn
 
 from .bases import SparseGradBases
 from .config import SparseGradConfig
-from .experts import ExpertView, fuse, merged_parameter, selected_experts, unfuse, unfused_modules
+from .experts import ExpertView, fuse_trained, selected_experts, unfuse, unfused_modules
 from .layer import SparseGradLinear
 from .matrices import LinearView, convert, restore
 from .targets import find_targets, kind_of, mlp_kinds, resolve
@@ -158,7 +158,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     if not layers:
         raise ValueError("the model has no SparseGradLinear to merge")
     for module in unfused_modules(model):
-        fuse(module, {p: merged_parameter(module, p, _merged_weight) for p in list(module.__dict__["_sparsegrad_fused"])})
+        fuse_trained(module)
     for name, layer in sparsegrad_layers(model).items():
         _set_submodule(model, name, restore(layer))
     for attr in (CONFIG_ATTR, PRETRAINED_HASH_ATTR):
@@ -185,12 +185,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         if p.requires_grad:
             trainable += p.numel()
     return trainable, total
-
-
-def _merged_weight(layer: nn.Module) -> torch.Tensor:
-    if isinstance(layer, SparseGradLinear):
-        layer.sync_weight()
-    return layer.weight
 
 
 def trainable_summary(model: nn.Module) -> list[str]:
