@@ -1,7 +1,7 @@
 """The architecture matrix (PEFT's test_decoder_models.py pattern): tiny random models of every transformers family
 the MLP registry covers (hidden 32, 2 layers, MLP 64), each checked for automatic targets (against the kinds
 written out by hand below, not the registry), exact conversion, two training steps in both supports, adapter and
-merge round trips and, for generators, `generate`."""
+merge round trips and, for generators (causal LMs, seq2seq, Whisper), `generate`."""
 
 from __future__ import annotations
 
@@ -167,15 +167,16 @@ def test_architecture(model_type, support, tmp_path):
     reloaded = sg.load_adapter(build(model_type), tmp_path / "adapter")
     torch.testing.assert_close(logits(reloaded, probe), trained, rtol=0, atol=0)
 
-    if task in ("lm", "s2s"):
-        inputs = probe["input_ids"][:1]
-        generated = model.generate(inputs, max_new_tokens=3, do_sample=False)
+    generates = task in ("lm", "s2s", "speech")
+    if generates:  # greedy, 3 tokens, from the first probe example's inputs
+        inputs = {k: v[:1] for k, v in probe.items() if k in ("input_ids", "input_features")}
+        generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     merged = sg.merge_and_unload(model)
     assert list(merged.state_dict()) == list(base.state_dict())
     assert {n: type(m) for n, m in merged.named_modules()} == {n: type(m) for n, m in base.named_modules()}
     torch.testing.assert_close(logits(merged, probe), trained)
-    if task in ("lm", "s2s"):
-        assert torch.equal(merged.generate(inputs, max_new_tokens=3, do_sample=False), generated)
+    if generates:
+        assert torch.equal(merged.generate(**inputs, max_new_tokens=3, do_sample=False), generated)
 
 
 @pytest.mark.parametrize("model_type", list(SPECS))
