@@ -19,6 +19,7 @@ from torch import nn
 
 from .config import BERT_MLP_TARGETS, LLAMA_MLP_TARGETS, SparseGradConfig
 from .experts import ExpertView, check_layout, expert_views, fuse, selected_experts, unfuse
+from .layer import SparseGradLinear
 from .matrices import LinearView, as_linear, is_conv1d, linear_support, out_in_weight, refuse_unsupported
 
 _BLOCK_INDEX = re.compile(r"(?:^|\.)(\d+)(?=\.|$)")
@@ -99,8 +100,6 @@ def _model_type(model: nn.Module) -> str | None:
 
 
 def _is_matrix(entry: object) -> bool:
-    from .layer import SparseGradLinear  # local: layer imports nothing from here, keep the graph acyclic
-
     return isinstance(entry, (ExpertView, SparseGradLinear)) or linear_support(entry) is not None
 
 
@@ -160,8 +159,6 @@ def find_targets(model: nn.Module, config: SparseGradConfig, *, allow_converted:
     """Every matrix the config selects, in model order, as (name, module): an nn.Linear (or subclass), a
     SparseGradLinear of a converted model (with ``allow_converted``), or a `LinearView` (``weight`` out x in) of a
     GPT-2 Conv1D or of one expert of a fused experts parameter. A clear error when none or a wrong type matches."""
-    from .layer import SparseGradLinear
-
     config = resolve(config, model)
     found = [(n, m) for n, m in _matrices(model) if name_matches(n, config)]
     if not found:
