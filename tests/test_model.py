@@ -10,11 +10,23 @@ import sparsegrad as sg
 from conftest import bert_batches, llama_batches, make_tiny_bert, make_tiny_llama
 
 
-def converted_bert(support="dynamic", seed=0, density=0.05):
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """32-wide matrices gain nothing from threads, and on a busy machine OpenMP's spinning threads make each tiny op
+    up to 100x slower (a tiny LLaMA case of test_architectures: 10 s with 2 threads at load 6, 0.1 s with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def converted_bert(support="dynamic", seed=0, density=0.05, keep_requires_grad=True):
+    """A tiny BERT converted on its MLP; by default every other parameter still trains (as the adapter and refresh
+    tests need: extra trained parameters); ``keep_requires_grad=False`` is PEFT's default, only the adapter."""
     model = make_tiny_bert(seed)
     cfg = sg.SparseGradConfig(density=density, support=support)
     bases = sg.estimate_bases(model, cfg, bert_batches(3, seed=seed), progress=False)
-    return sg.get_sparsegrad_model(model, cfg, bases)
+    return sg.get_sparsegrad_model(model, cfg, bases, keep_requires_grad=keep_requires_grad)
 
 
 def train(model, steps=3, seed=1, lr=1e-2):
@@ -140,3 +152,136 @@ def test_config_budget_and_round_trip():
     assert sg.SparseGradConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown SparseGradConfig fields"):
         sg.SparseGradConfig.from_dict({"rank": 3})
+
+
+def test_default_trains_only_the_adapter_the_mlp_biases_and_the_head(capsys, tmp_path):
+    model = converted_bert(keep_requires_grad=False)
+    layers = sg.sparsegrad_layers(model)
+    trains = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trains == {f"{n}.{p}" for n in layers for p in ("weight", "bias")} | {"classifier.weight",
+                                                                                  "classifier.bias"}
+    k = model.sparsegrad_config.budget(64, 32)
+    trainable, _ = sg.count_parameters(model)
+    assert trainable == 4 * k + 2 * (64 + 32) + (32 * 3 + 3)
+    sg.print_trainable_parameters(model)
+    out = capsys.readouterr().out
+    assert f"sparsegrad bert.encoder.layer.*.intermediate.dense: 2 modules, k={k}" in out
+    assert "dense: classifier (99 params)" in out and "biases of the converted modules (192 params)" in out
+    opt = sg.create_optimizer(model, lr=1e-2)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(trains)
+    train(model)
+    sg.save_adapter(model, tmp_path / "a")
+    meta = sg.read_adapter(tmp_path / "a")[0]
+    assert set(meta["trainable_params"]) == {"classifier.weight", "classifier.bias"} | {
+        f"{n}.bias" for n in layers}
+
+
+def test_modules_to_save_replaces_the_default_head():
+    model = make_tiny_bert()
+    cfg = sg.SparseGradConfig(density=0.05, support="fixed", modules_to_save=["pooler"])
+    sg.get_sparsegrad_model(model, cfg, sg.identity_bases(model, cfg))
+    trains = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"bert.pooler.dense.weight", "bert.pooler.dense.bias"} <= trains
+    assert not any(n.startswith("classifier") for n in trains)
+    assert not any(n.endswith(".weight") and "pooler" not in n for n in trains)  # fixed: the deltas train
+    with pytest.raises(ValueError, match="modules_to_save names 'heads'"):
+        bad = sg.SparseGradConfig(modules_to_save=["heads"])
+        sg.get_sparsegrad_model(make_tiny_bert(), bad, sg.identity_bases(make_tiny_bert(), bad))
+
+
+class _Block(nn.Module):
+    def __init__(self, hidden=8, inter=20):
+        super().__init__()
+        self.attn = nn.Linear(hidden, hidden)
+        self.up, self.down = nn.Linear(hidden, inter), nn.Linear(inter, hidden)
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class _Net(nn.Module):
+    def __init__(self, block=_Block):
+        super().__init__()
+        self.blocks = nn.ModuleList([block(), block()])
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+def test_unknown_model_type_falls_back_to_the_mlp_shape_and_no_mlp_is_one_clear_error():
+    net = _Net()
+    assert sg.mlp_target_modules(net) == r"blocks\.\d+\.down|blocks\.\d+\.up"
+    cfg = sg.SparseGradConfig(k=3)
+    sg.get_sparsegrad_model(net, cfg, sg.identity_bases(net, cfg))
+    assert sorted(sg.sparsegrad_layers(net)) == ["blocks.0.down", "blocks.0.up", "blocks.1.down", "blocks.1.up"]
+    flat = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    flat.config = type("Cfg", (), {"model_type": "mystery"})()
+    with pytest.raises(ValueError, match=r"found no MLP block in the model_type 'mystery': pass target_modules"):
+        sg.get_sparsegrad_model(flat, sg.SparseGradConfig(), sg.SparseGradBases(factors={}))
+
+
+class _ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class _TaggedLinear(nn.Linear):
+    """A subclass that keeps nn.Linear.forward."""
+
+
+def test_linear_subclasses_convert_and_merge_back_to_their_class_unless_they_have_their_own_forward():
+    class Tagged(_Block):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = _TaggedLinear(8, 20), _TaggedLinear(20, 8)
+
+    torch.manual_seed(0)
+    net, x = _Net(Tagged), torch.randn(3, 8)
+    expected = net(x)
+    cfg = sg.SparseGradConfig(target_modules=r"blocks\.\d+\.(up|down)", k=5)
+    sg.get_sparsegrad_model(net, cfg, sg.identity_bases(net, cfg))
+    torch.testing.assert_close(net(x), expected, rtol=0, atol=0)
+    merged = sg.merge_and_unload(net)
+    assert type(merged.blocks[0].up) is _TaggedLinear
+    torch.testing.assert_close(merged(x), expected, rtol=0, atol=0)
+    net = _Net()
+    net.blocks[1].up = _ScaledLinear(8, 20)
+    with pytest.raises(ValueError, match="blocks.1.up, a _ScaledLinear: an nn.Linear subclass with its own forward"):
+        sg.identity_bases(net, cfg)
+
+
+def test_falcon_linear_with_a_bias_converts_exactly():
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    base = FalconForCausalLM(FalconConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                          vocab_size=50, bias=True)).eval()
+    for p in base.parameters():
+        p.data.normal_()  # non-zero biases, large activations: rounding differences would show
+    model = copy.deepcopy(base)
+    cfg = sg.SparseGradConfig(k=40)
+    sg.get_sparsegrad_model(model, cfg, sg.identity_bases(model, cfg))
+    ids = torch.randint(0, 50, (2, 9))
+    torch.testing.assert_close(model(ids).logits, base(ids).logits, rtol=0, atol=0)
+    assert type(sg.merge_and_unload(model).transformer.h[0].mlp.dense_h_to_4h).__name__ == "FalconLinear"
+
+
+def test_calibrating_fused_experts_gives_the_model_back_its_own_parameters():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=1, vocab_size=40,
+                                             num_local_experts=3, num_experts_per_tok=2)).eval()
+    experts = model.model.layers[0].mlp.experts
+    params = dict(experts.named_parameters())
+    ids = torch.randint(0, 40, (2, 6))
+    bases = sg.estimate_bases(model, sg.SparseGradConfig(k=8), [{"input_ids": ids, "labels": ids}], progress=False)
+    assert sorted(bases.kinds()) == ["model.layers.*.mlp.experts.*.down_proj", "model.layers.*.mlp.experts.*.gate_up_proj"]
+    assert all(p is params[n] for n, p in experts.named_parameters()) and list(params) == ["gate_up_proj", "down_proj"]
+    assert [n for n, _ in experts.named_children()] == ["act_fn"] and not experts._forward_pre_hooks
+    assert all(p.grad is None for p in params.values())

@@ -108,7 +108,7 @@ def test_groups_keep_norms_and_biases_and_work_with_schedulers(tiny_bert):
 
     cfg = sg.SparseGradConfig(density=0.05)
     bases = sg.estimate_bases(tiny_bert, cfg, bert_batches(2), progress=False)
-    sg.get_sparsegrad_model(tiny_bert, cfg, bases)
+    sg.get_sparsegrad_model(tiny_bert, cfg, bases, keep_requires_grad=True)  # norms train too: their group
     opt = sg.create_optimizer(tiny_bert, lr=1e-3, weight_decay=0.01)
     assert isinstance(opt, torch.optim.Optimizer)
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}

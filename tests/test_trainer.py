@@ -33,7 +33,8 @@ def converted_tiny_bert(data, density=0.1, support="dynamic"):
     model = make_tiny_bert().train()
     cfg = sg.SparseGradConfig(density=density, support=support)
     batches = [{k: torch.stack([e[k] for e in data[i:i + 8]]) for k in data[0]} for i in range(0, 16, 8)]
-    sg.get_sparsegrad_model(model, cfg, sg.estimate_bases(model, cfg, batches, progress=False))
+    sg.get_sparsegrad_model(model, cfg, sg.estimate_bases(model, cfg, batches, progress=False),
+                            keep_requires_grad=True)  # the whole model trains, as these trainer tests need
     return model
 
 

@@ -1,7 +1,7 @@
 """sparsegrad: SparseGrad fine-tuning of Transformer MLP blocks (Chekalina et al., EMNLP 2024).
 
-Calibrate HOSVD bases of the MLP weight gradients, swap the MLP linears for `SparseGradLinear`, train exactly k
-entries of each rotated weight per step, merge back to plain nn.Linear. The core imports only torch, safetensors
+Calibrate HOSVD bases of the MLP weight gradients, swap the MLP matrices (found per model type, `MLP_TARGETS`) for
+`SparseGradLinear`, train exactly k entries of each rotated weight per step, merge back to the model's own modules. The core imports only torch, safetensors
 and tqdm; the fine-tuning product (data, bundled models, baselines, CLI) lives in `sparsegrad.finetune`.
 """
 
@@ -10,6 +10,7 @@ from .bases import SparseGradBases, broadcast_bases, estimate_bases, factors_fro
 from .config import BERT_MLP_TARGETS, LLAMA_MLP_TARGETS, SparseGradConfig
 from .layer import SparseGradLinear, topk_energy_share, topk_indices
 from .model import (
+    CLASSIFICATION_HEADS,
     count_parameters,
     get_sparsegrad_model,
     merge_and_unload,
@@ -19,12 +20,15 @@ from .model import (
     training_state_bytes,
 )
 from .optim import SparseGradAdamW, create_optimizer, sparse_adam_update
+from .targets import MLP_TARGETS, mlp_target_modules
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BERT_MLP_TARGETS",
+    "CLASSIFICATION_HEADS",
     "LLAMA_MLP_TARGETS",
+    "MLP_TARGETS",
     "SparseGradAdamW",
     "SparseGradBases",
     "SparseGradConfig",
@@ -38,6 +42,7 @@ __all__ = [
     "identity_bases",
     "load_adapter",
     "merge_and_unload",
+    "mlp_target_modules",
     "print_trainable_parameters",
     "read_adapter",
     "refresh_bases",

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .config import SparseGradConfig
 from .io import atomic_write_bytes, read_safetensors
 from .layer import topk_energy_share, topk_indices
-from .targets import find_targets, kind_of
+from .targets import find_targets, kind_of, with_linear_targets
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -330,6 +330,7 @@ class _GradCapture:
             p.grad = grad
 
 
+@with_linear_targets  # fused MoE experts and GPT-2 Conv1D calibrate as nn.Linear modules (targets.py)
 def estimate_bases(
     model: nn.Module,
     config: SparseGradConfig,

@@ -21,11 +21,13 @@ LLAMA_MLP_TARGETS = r".*layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)"
 class SparseGradConfig:
     """Configuration of a SparseGrad conversion, in the shape of a PEFT config."""
 
-    target_modules: str | list[str] = field(
-        default=BERT_MLP_TARGETS,
+    target_modules: str | list[str] | None = field(
+        default=None,
         metadata={
-            "help": "Which nn.Linear modules to convert: a regular expression that must match the whole module "
-            "name, or a list of names (an entry matches a module whose name equals it or ends with '.' + entry)."
+            "help": "Which matrices to convert (nn.Linear, its subclasses, GPT-2's Conv1D, or experts "
+            "'<experts>.<e>.<param>' of a fused MoE parameter): a regular expression that must match the whole "
+            "name, or a list of names (an entry matches a name that equals it or ends with '.' + entry). None: "
+            "the model's MLP matrices (`sparsegrad.targets.MLP_TARGETS` by config.model_type, else found by shape)."
         },
     )
     k: int | None = field(
@@ -59,6 +61,14 @@ class SparseGradConfig:
         default="float32",
         metadata={"help": "Precision of the streaming Gram matrices and their eigendecomposition: float32 or float64."},
     )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Modules that train densely besides the SparseGrad matrices (and their biases), as in PEFT: "
+            "names matched like target_modules' list entries (e.g. ['classifier', 'pooler']). None: the task head "
+            "when the model has one ('classifier' or 'score', PEFT's sequence-classification heads); [] : none."
+        },
+    )
     score_steps: int | None = field(
         default=2,
         metadata={
@@ -72,7 +82,9 @@ class SparseGradConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first field that is out of range."""
-        if isinstance(self.target_modules, str):
+        if self.target_modules is None:
+            pass
+        elif isinstance(self.target_modules, str):
             if not self.target_modules:
                 raise ValueError("SparseGradConfig.target_modules is an empty pattern")
             try:
@@ -85,7 +97,7 @@ class SparseGradConfig:
             self.target_modules = list(self.target_modules)
         else:
             raise ValueError(
-                f"SparseGradConfig.target_modules must be a regex string or a list of names, "
+                f"SparseGradConfig.target_modules must be a regex string, a list of names or None, "
                 f"got {type(self.target_modules).__name__}"
             )
         if self.k is not None:
@@ -117,6 +129,14 @@ class SparseGradConfig:
                     f"got {self.layers_to_transform!r}"
                 )
             self.layers_to_transform = list(self.layers_to_transform)
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str):
+                self.modules_to_save = [self.modules_to_save]
+            if not isinstance(self.modules_to_save, (list, tuple)) or not all(
+                    isinstance(m, str) and m for m in self.modules_to_save):
+                raise ValueError(f"SparseGradConfig.modules_to_save must be a list of module names, "
+                                 f"got {self.modules_to_save!r}")
+            self.modules_to_save = list(self.modules_to_save)
         if self.score_steps is not None and (not isinstance(self.score_steps, int) or self.score_steps < 0):
             raise ValueError(f"SparseGradConfig.score_steps must be >= 0 or None, got {self.score_steps!r}")
 

@@ -1,4 +1,4 @@
-"""Wrapping a model: swap target nn.Linear modules for SparseGradLinear, count what trains, merge back."""
+"""Wrapping a model: swap the target matrices for SparseGradLinear, choose what trains, count it, merge back."""
 
 from __future__ import annotations
 
@@ -7,8 +7,13 @@ from torch import nn
 
 from .bases import SparseGradBases
 from .config import SparseGradConfig
+from .experts import ExpertView, fuse_trained, selected_experts, unfuse, unfused_modules
 from .layer import SparseGradLinear
-from .targets import find_targets, kind_of
+from .matrices import LinearView, convert, restore
+from .targets import find_targets, kind_of, mlp_kinds, resolve
+
+# PEFT's modules_to_save for sequence classification (its TaskType.SEQ_CLS): the head, found by name.
+CLASSIFICATION_HEADS = ("classifier", "score")
 
 CONFIG_ATTR = "sparsegrad_config"
 PRETRAINED_HASH_ATTR = "sparsegrad_pretrained_sha256"
@@ -33,17 +38,59 @@ def _bases_on(bases: SparseGradBases, kind: str, device: torch.device,
     return cache[(kind, device)]
 
 
-def get_sparsegrad_model(model: nn.Module, config: SparseGradConfig, bases: SparseGradBases) -> nn.Module:
-    """Swap, in place, every nn.Linear the config selects for a `SparseGradLinear` using ``bases``.
+def saved_modules(model: nn.Module, config: SparseGradConfig) -> list[str]:
+    """The modules that train densely besides SparseGrad's matrices: ``config.modules_to_save`` (each must match),
+    or by default the model's classification head (`CLASSIFICATION_HEADS`) when it has one."""
+    names = [n for n, _ in model.named_modules() if n]
+    wanted = config.modules_to_save if config.modules_to_save is not None else CLASSIFICATION_HEADS
+    chosen = []
+    for entry in wanted:
+        hits = [n for n in names if n == entry or n.endswith("." + entry)]
+        if not hits and config.modules_to_save is not None:
+            raise ValueError(f"SparseGradConfig.modules_to_save names {entry!r}, which is no module of the model")
+        chosen += [n for n in hits if not any(n.startswith(c + ".") for c in chosen) and n not in chosen]
+    return chosen
+
+
+def _train_only_adapter(model: nn.Module, config: SparseGradConfig) -> None:
+    """PEFT's default: only SparseGrad's entries, the converted layers' biases and the saved modules train."""
+    keep: set[nn.Parameter] = set()
+    for layer in sparsegrad_layers(model).values():
+        keep.add(layer.weight if layer.support == "dynamic" else layer.delta_values)
+        if layer.bias is not None:
+            keep.add(layer.bias)
+    for name in saved_modules(model, config):
+        keep.update(model.get_submodule(name).parameters())
+    for p in model.parameters():
+        p.requires_grad_(p in keep)
+
+
+def _matrix_module(model: nn.Module, name: str, target: object) -> nn.Module:
+    """The module to convert for a target: the module itself, a Conv1D behind its view, an unfused expert."""
+    if isinstance(target, ExpertView):
+        return model.get_submodule(name)
+    return target.source if isinstance(target, LinearView) else target
+
+
+def get_sparsegrad_model(model: nn.Module, config: SparseGradConfig, bases: SparseGradBases, *,
+                         keep_requires_grad: bool = False) -> nn.Module:
+    """Swap, in place, every matrix the config selects (``target_modules=None``: the model's MLP, see
+    `sparsegrad.targets.MLP_TARGETS`) for a `SparseGradLinear` using ``bases``. Returns the same model object.
 
     The converted model computes exactly what the original did (same output, input gradient and bias gradient).
-    Other parameters keep their ``requires_grad``. Returns the same model object.
+    Then, as PEFT's ``get_peft_model`` does, only SparseGrad's entries, the biases of the converted layers and
+    ``config.modules_to_save`` (by default a classification head, 'classifier' or 'score') train; every other
+    parameter is frozen. ``keep_requires_grad=True`` leaves every other parameter's ``requires_grad`` as it is
+    (for callers that choose it themselves, like the CLI's scopes).
     """
     config.validate()
     if not isinstance(bases, SparseGradBases):
         raise ValueError(f"bases must be SparseGradBases (from sg.estimate_bases), got {type(bases).__name__}")
     if sparsegrad_layers(model) or getattr(model, CONFIG_ATTR, None) is not None:
         raise ValueError("the model is already converted to SparseGrad; convert a fresh copy of the base model")
+    config = resolve(config, model)
+    if config.modules_to_save is not None:
+        saved_modules(model, config)  # an unknown name is refused before anything changes
     targets = find_targets(model, config)
     plans = []
     for name, linear in targets:
@@ -56,15 +103,19 @@ def get_sparsegrad_model(model: nn.Module, config: SparseGradConfig, bases: Spar
                 f"{out_f}x{in_f}: they were calibrated on another model or config"
             )
         plans.append((name, linear, kind, config.budget(out_f, in_f, name=name)))
+    for module, pnames in selected_experts(model, [n for n, t in targets if isinstance(t, ExpertView)]).items():
+        unfuse(module, pnames)  # per-expert linears over the fused tensor; each is converted below
     on_device: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
-    for name, linear, kind, k in plans:
-        u_out, u_in = _bases_on(bases, kind, linear.weight.device, on_device)
+    for name, target, kind, k in plans:
+        u_out, u_in = _bases_on(bases, kind, target.weight.device, on_device)
         fixed = bases.fixed_supports.get(name) if config.support == "fixed" else None
         if fixed is not None and fixed.numel() != k:
             fixed = None  # calibrated for another budget: choose from the first step instead
-        layer = SparseGradLinear(linear, u_out, u_in, k=k, support=config.support, kind=kind,
-                                 identity_basis=bases.identity, fixed_indices=fixed)
+        layer = convert(_matrix_module(model, name, target), u_out, u_in, k=k, support=config.support, kind=kind,
+                        identity_basis=bases.identity, fixed_indices=fixed)
         _set_submodule(model, name, layer)
+    if not keep_requires_grad:
+        _train_only_adapter(model, config)
     setattr(model, CONFIG_ATTR, config)
     return model
 
@@ -100,13 +151,16 @@ def refresh_bases(model: nn.Module, bases: SparseGradBases, optimizer: torch.opt
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Replace every SparseGradLinear by a plain nn.Linear holding the trained weight. The result has the base
-    architecture, the same state_dict keys as the original model and the trained model's outputs."""
+    """Replace every SparseGradLinear by the module it replaced (nn.Linear, Conv1D, ...) holding the trained
+    weight, and fused experts by their 3-D parameters again. The result has the base architecture, the same
+    state_dict keys as the original model and the trained model's outputs."""
     layers = sparsegrad_layers(model)
     if not layers:
         raise ValueError("the model has no SparseGradLinear to merge")
-    for name, layer in layers.items():
-        _set_submodule(model, name, layer.to_linear())
+    for module in unfused_modules(model):
+        fuse_trained(module)
+    for name, layer in sparsegrad_layers(model).items():
+        _set_submodule(model, name, restore(layer))
     for attr in (CONFIG_ATTR, PRETRAINED_HASH_ATTR):
         if hasattr(model, attr):
             delattr(model, attr)
@@ -133,11 +187,49 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def trainable_summary(model: nn.Module) -> list[str]:
+    """What trains, one line each: SparseGrad's kinds (modules, k), then the dense parameters by module."""
+    layers = sparsegrad_layers(model)
+    config = getattr(model, CONFIG_ATTR, None)
+    lines = []
+    if layers and config is not None:
+        counts = mlp_kinds(list(layers), config)
+        for kind, n in counts.items():
+            ks = sorted({l.k for l in layers.values() if l.kind == kind})
+            support = next(l.support for l in layers.values() if l.kind == kind)
+            lines.append(f"  sparsegrad {kind}: {n} module{'s' * (n > 1)}, k={'/'.join(map(str, ks))} "
+                         f"entries each per step ({support})")
+    owned = {id(p) for l in layers.values() for p in (l.weight, l.delta_values)}
+    biases = {id(l.bias) for l in layers.values() if l.bias is not None}
+    dense: dict[str, int] = {}
+    n_bias = 0
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in owned or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in biases:
+            n_bias += p.numel()
+            continue
+        owner = name.rpartition(".")[0] or name
+        dense[owner] = dense.get(owner, 0) + p.numel()
+    if n_bias:
+        lines.append(f"  dense: biases of the converted modules ({n_bias:,d} params)")
+    shown = sorted(dense.items(), key=lambda kv: -kv[1])
+    for owner, n in shown[:8]:
+        lines.append(f"  dense: {owner} ({n:,d} params)")
+    if len(shown) > 8:
+        lines.append(f"  dense: {len(shown) - 8} more modules ({sum(n for _, n in shown[8:]):,d} params)")
+    return lines
+
+
 def print_trainable_parameters(model: nn.Module) -> str:
-    """Print (and return) PEFT's line: trainable entries per step || all params || trainable%."""
+    """Print PEFT's line (trainable entries per step || all params || trainable%), then what trains: each
+    SparseGrad kind with its module count and k, and the densely trained parameters by module. Returns the
+    first line."""
     trainable, total = count_parameters(model)
     line = f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
-    print(line)
+    print("\n".join([line, *trainable_summary(model)]))
     return line
 
 

@@ -274,7 +274,7 @@ def prepare_method(
         else:
             bases = sg.identity_bases(model, config)
             basis_text = "identity bases (MeProp: top-k of the plain gradient)"
-        sg.get_sparsegrad_model(model, config, bases)
+        sg.get_sparsegrad_model(model, config, bases, keep_requires_grad=True)  # the scope set requires_grad
         trainable, total = sg.count_parameters(model)
         description = (f"{method}: {n_mat} MLP matrices, {budget_text} entries each per step, {support} support, "
                        f"{basis_text}; scope {train_scope}: {scope_text}")
