@@ -1,217 +1,39 @@
-"""``sparsegrad compare``: methods x seeds on identical data, budget and steps, one subprocess per run.
-
-Each run is ``python -m sparsegrad finetune ...`` in its own process (so its peak RSS is its own), with output in
-``<output_dir>/<method>-s<seed>/`` and its console output in ``run.log`` there. A run whose ``metrics.json``
-exists is skipped (the comparison is resumable) unless ``overwrite``. All runs of one seed share the data split,
-the classifier-head initialisation, the batch order and the dropout stream; every method gets the same budget
-(k entries per MLP matrix per step; LoRA the matched rank) and the same number of steps.
-
-Afterwards ``results.md`` (per method mean ± std and the cost columns, per-run rows, the command line) and
-``comparison.png`` (quality, step time, memory, budget, loss curves) are written from every ``metrics.json``
-found, including runs from earlier invocations.
-"""
+"""``sparsegrad compare`` reports: ``results.md`` and ``comparison.png`` from every run's ``metrics.json``. The
+quality columns come from the runs' task kind (classifier: accuracy, macro-F1, loss; causal LM: exact match and
+held-out loss, or perplexity); the cost columns are shared."""
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
-import os
-import subprocess
-import sys
-import time
-from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
-from . import lm_compare
-from .cli import CLIError
-from .metrics import format_mean_std as _ms
-from .metrics import human_bytes, mean_std, write_run_checks
-from .metrics import mean_or_none as _mean
+from sparsegrad.io import atomic_write_bytes
 
-# label -> (finetune --method, --support)
-METHOD_LABELS: dict[str, tuple[str, str]] = {
-    "full": ("full", "dynamic"),
-    "lora": ("lora", "dynamic"),
-    "meprop": ("meprop", "dynamic"),
-    "sparsegrad": ("sparsegrad", "dynamic"),
-    "sparsegrad-fixed": ("sparsegrad", "fixed"),
-    "meprop-fixed": ("meprop", "fixed"),
-}
+from ..metrics import format_mean_std as _ms
+from ..metrics import human_bytes, mean_std, write_run_checks
+from ..metrics import mean_or_none as _mean
+
 COLORS = {"full": "#4c4c4c", "lora": "#1f77b4", "meprop": "#ff7f0e", "sparsegrad": "#2ca02c",
           "sparsegrad-fixed": "#98df8a", "meprop-fixed": "#ffbb78"}
 
 
-def base_method(label: str) -> str:
-    return METHOD_LABELS[label][0]
+def is_lm_run(m: dict[str, Any]) -> bool:
+    return m.get("model_kind") == "causal-lm"
 
 
-def parse_methods(text: str) -> list[str]:
-    labels = [t.strip() for t in text.split(",") if t.strip()]
-    if not labels:
-        raise CLIError("--methods is empty")
-    unknown = [t for t in labels if t not in METHOD_LABELS]
-    if unknown:
-        raise CLIError(f"unknown method {unknown[0]!r} in --methods; choose from {', '.join(METHOD_LABELS)}")
-    if len(set(labels)) != len(labels):
-        raise CLIError(f"--methods names a method twice: {text}")
-    return labels
-
-
-def parse_seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise CLIError(f"--seeds must be a comma list of integers, got {text!r}") from None
-    if not seeds:
-        raise CLIError("--seeds is empty")
-    if any(not 0 <= s < 2**32 for s in seeds):
-        raise CLIError(f"--seeds must be integers in [0, 2**32), got {text!r}")
-    if len(set(seeds)) != len(seeds):
-        raise CLIError(f"--seeds repeats a seed: {text}")
-    return seeds
-
-
-def parse_lrs(text: str | None, methods: list[str]) -> dict[str, float]:
-    """``None`` -> {} (defaults); ``"1e-3"`` -> every method; ``"full=1e-4,lora=1e-3"`` -> those methods."""
-    if text is None:
-        return {}
-
-    def number(s: str) -> float:
-        try:
-            value = float(s)
-        except ValueError:
-            raise CLIError(f"--lr: {s!r} is not a number") from None
-        if not (value > 0 and math.isfinite(value)):
-            raise CLIError(f"--lr must be positive, got {s!r}")
-        return value
-
-    if "=" not in text:
-        value = number(text)
-        return {m: value for m in methods}
-    out: dict[str, float] = {}
-    for part in text.split(","):
-        if not part.strip():
-            continue
-        name, sep, value = part.partition("=")
-        name = name.strip()
-        if not sep or name not in {base_method(m) for m in METHOD_LABELS} | set(METHOD_LABELS):
-            raise CLIError(f"--lr: expected method=value pairs (methods: {', '.join(METHOD_LABELS)}), got {part!r}")
-        out[name] = number(value)
-    return out
-
-
-def _lr_for(label: str, lrs: dict[str, float]) -> float | None:
-    if label in lrs:
-        return lrs[label]
-    return lrs.get(base_method(label))
-
-
-def common_finetune_args(args: Namespace) -> list[str]:
-    """The finetune flags shared by every run, fully spelled out (so each run's command is explicit)."""
-    out: list[str] = []
-    if args.model is not None:
-        out += ["--model", str(args.model)]
-    if args.train_file is not None:
-        out += ["--train-file", str(args.train_file), "--text-column", args.text_column,
-                "--label-column", args.label_column]
-        for flag in ("prompt_column", "response_column"):
-            if getattr(args, flag, None) is not None:
-                out += ["--" + flag.replace("_", "-"), getattr(args, flag)]
-        if args.eval_file is not None:
-            out += ["--eval-file", str(args.eval_file)]
+def run_summary(m: dict[str, Any]) -> str:
+    """The one-line result `compare` prints after a run."""
+    if not is_lm_run(m):
+        return (f"accuracy {m['eval_accuracy']:.4f}, macro-F1 {m['eval_macro_f1']:.4f}, "
+                f"median step {m['step_time_median_s']:.3f} s")
+    if m.get("eval_exact_match") is not None:
+        quality = f"exact match {m['eval_exact_match']:.4f}, held-out loss {m['eval_loss']:.4f}"
     else:
-        out += ["--task", args.task]
-    out += ["--max-train", str(args.max_train), "--max-eval", str(args.max_eval),
-            "--max-length", str(args.max_length)]
-    out += ["--k", str(args.k)] if args.k is not None else ["--density", repr(args.density)]
-    out += ["--calibration-steps", str(args.calibration_steps), "--train-scope", args.train_scope,
-            "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-            "--weight-decay", repr(args.weight_decay), "--warmup-ratio", repr(args.warmup_ratio)]
-    if args.max_steps is not None:
-        out += ["--max-steps", str(args.max_steps)]
-
-    if getattr(args, "every_nth_block", None) is not None:
-        out += ["--every-nth-block", str(args.every_nth_block)]
-    if getattr(args, "dtype", "float32") != "float32":
-        out += ["--dtype", args.dtype]
-    return out
-
-
-def run_dir_name(label: str, seed: int) -> str:
-    return f"{label}-s{seed}"
-
-
-def run_compare(methods: list[str], seeds: list[int], common: list[str], out_dir: Path, *,
-                lrs: dict[str, float] | None = None, overwrite: bool = False, command: str | None = None,
-                python: str | None = None, sparsegrad_args: list[str] | None = None) -> int:
-    """Run (or skip) every method x seed, then write the reports. Returns 0, or 1 if any run failed.
-    ``sparsegrad_args`` (finetune flags such as ``--score-steps 1``) go to the SparseGrad runs only."""
-    lrs = lrs or {}
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    runs = [(label, seed) for seed in seeds for label in methods]
-    failed: list[str] = []
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    for i, (label, seed) in enumerate(runs, start=1):
-        run_dir = out_dir / run_dir_name(label, seed)
-        tag = f"[{i}/{len(runs)}] {label} seed {seed}"
-        if (run_dir / "metrics.json").is_file() and not overwrite:
-            print(f"{tag}: metrics.json exists, skipped (--overwrite reruns it)", flush=True)
-            continue
-        method, support = METHOD_LABELS[label]
-        argv = [python or sys.executable, "-m", "sparsegrad", "finetune", "--method", method, "--seed", str(seed),
-                "--output-dir", str(run_dir), *common, "--no-progress"]
-        if method in ("sparsegrad", "meprop"):
-            argv += ["--support", support]
-        if method == "sparsegrad":
-            argv += list(sparsegrad_args or [])
-        lr = _lr_for(label, lrs)
-        if lr is not None:
-            argv += ["--lr", repr(lr)]
-        run_dir.mkdir(parents=True, exist_ok=True)
-        print(f"{tag}: running ...", flush=True)
-        start = time.perf_counter()
-        with open(run_dir / "run.log", "w") as log:
-            log.write("$ " + " ".join(argv) + "\n\n")
-            log.flush()
-            proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-        seconds = time.perf_counter() - start
-        if proc.returncode != 0 or not (run_dir / "metrics.json").is_file():
-            lines = (run_dir / "run.log").read_text(errors="replace").strip().splitlines()
-            print(f"{tag}: FAILED (exit {proc.returncode}) after {seconds:.0f} s: {lines[-1] if lines else ''}"
-                  f" (see {run_dir / 'run.log'})", flush=True)
-            failed.append(f"{label} seed {seed}")
-            continue
-        m = json.loads((run_dir / "metrics.json").read_text())
-        if lm_compare.is_lm_run(m):
-            print(f"{tag}: {lm_compare.run_summary(m)}, {seconds:.0f} s", flush=True)
-            continue
-        print(f"{tag}: accuracy {m['eval_accuracy']:.4f}, macro-F1 {m['eval_macro_f1']:.4f}, "
-              f"median step {m['step_time_median_s']:.3f} s, {seconds:.0f} s", flush=True)
-    results = collect(out_dir, methods, seeds)
-    write_results_md(out_dir / "results.md", results, methods, seeds, command=command, failed=failed)
-    plot_comparison(out_dir / "comparison.png", results, methods, out_dir)
-    print(f"wrote {out_dir / 'results.md'} and {out_dir / 'comparison.png'}")
-    if failed:
-        print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def collect(out_dir: Path, methods: list[str], seeds: list[int]) -> dict[str, list[dict[str, Any]]]:
-    """label -> the metrics of its finished runs (in seed order)."""
-    results: dict[str, list[dict[str, Any]]] = {}
-    for label in methods:
-        for seed in seeds:
-            path = Path(out_dir) / run_dir_name(label, seed) / "metrics.json"
-            if path.is_file():
-                m = json.loads(path.read_text())
-                m["_dir"] = str(path.parent)
-                results.setdefault(label, []).append(m)
-    return results
+        quality = f"held-out perplexity {m['eval_perplexity']:.3f} (loss {m['eval_loss']:.4f})"
+    return f"{quality}, median step {m['step_time_median_s']:.3f} s"
 
 
 def read_loss(run_dir: str | Path) -> list[float]:
@@ -224,12 +46,10 @@ def read_loss(run_dir: str | Path) -> list[float]:
 
 def write_results_md(path: Path, results: dict[str, list[dict[str, Any]]], methods: list[str], seeds: list[int],
                      *, command: str | None = None, failed: list[str] | None = None) -> None:
-    from sparsegrad.io import atomic_write_bytes
-
     buf = io.StringIO()
     all_runs = [m for runs in results.values() for m in runs]
-    if any(lm_compare.is_lm_run(m) for m in all_runs):  # causal LMs: exact match / loss / perplexity
-        lm_compare.write_lm_results_md(path, results, methods, seeds, command=command, failed=failed)
+    if any(is_lm_run(m) for m in all_runs):  # causal LMs: exact match / loss / perplexity
+        write_lm_results_md(path, results, methods, seeds, command=command, failed=failed)
         return
     w = buf.write
     first = all_runs[0] if all_runs else {}
@@ -331,8 +151,8 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 def plot_comparison(path: Path, results: dict[str, list[dict[str, Any]]], methods: list[str], out_dir: Path) -> None:
     """Six panels: accuracy/macro-F1, median step time, peak RSS, training state, entries, loss curves."""
-    if any(lm_compare.is_lm_run(m) for runs in results.values() for m in runs):
-        lm_compare.plot_lm_comparison(path, results, methods)
+    if any(is_lm_run(m) for runs in results.values() for m in runs):
+        plot_lm_comparison(path, results, methods)
         return
     import matplotlib
 
@@ -411,7 +231,134 @@ def save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_lm_results_md(path: Path, results: dict[str, list[dict[str, Any]]], methods: list[str], seeds: list[int],
+                        *, command: str | None = None, failed: list[str] | None = None) -> None:
+    buf = io.StringIO()
+    w = buf.write
+    all_runs = [m for runs in results.values() for m in runs]
+    first = all_runs[0] if all_runs else {}
+    chat = first.get("eval_exact_match") is not None
+    w(f"# sparsegrad compare: {first.get('task', '?')} with {first.get('model', '?')} (causal LM)\n\n")
+    if command:
+        w(f"Command:\n\n```\n{command}\n```\n\n")
+    if all_runs:
+        budget = f"k = {first['budget_k']}" if first.get("budget_k") else f"density {first.get('density')}"
+        blocks = ("every block" if first.get("layers_to_transform") is None
+                  else f"blocks {', '.join(map(str, first['layers_to_transform']))}")
+        what = ("exact match of the greedy answer and loss on the answer tokens" if chat
+                else "perplexity (exp of the mean token loss)")
+        w(f"Data: {first['num_train']} training / {first['num_eval']} held-out examples ({first.get('data_kind')}), "
+          f"max length {first['max_length']}, {first.get('eval_tokens', 0):,d} held-out target tokens; scored by "
+          f"{what}. Each run: {first['train_steps']} steps of {first['batch_size']} examples, scope "
+          f"`{first['train_scope']}`, {first.get('dtype', 'float32')} weights, MLPs of {blocks} "
+          f"({first['mlp_matrices']} matrices, {first['mlp_entries']:,d} entries), budget {budget} per matrix. "
+          f"Seeds: {', '.join(map(str, seeds))}.\n\n")
+    ref_label, ref_time = write_run_checks(
+        w, all_runs, ("num_train", "num_eval", "train_steps", "batch_size", "max_length", "train_scope", "dtype",
+                      "every_nth_block"), "split and the batch order", failed, results, methods)
+    quality_cols = "exact match | held-out loss (answer tokens) |" if chat else "perplexity | held-out loss |"
+    w(f"| method | runs | {quality_cols} lr | median step (s) | step time / {ref_label} | peak RSS (MB) | "
+      "train state | entries / step | entries ever updated | adapter |\n")
+    w("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    for label in methods:
+        runs = results.get(label, [])
+        if not runs:
+            w(f"| {label} | 0 |" + " — |" * 10 + "\n")
+            continue
+        t = _mean([m["step_time_median_s"] for m in runs])
+        ratio = f"{t / ref_time:.2f}" if ref_time and t is not None else "—"
+        state = _mean([(m.get("train_state_bytes") or {}).get("total") for m in runs])
+        upd = _mean([m["entries_updated"] for m in runs])
+        share = upd / runs[0]["mlp_entries"] if upd is not None and runs[0].get("mlp_entries") else None
+        updated = f"{upd:,.0f}" + (f" ({100 * share:.2f}%)" if share is not None else "")
+        first_q = (_ms([m.get("eval_exact_match") for m in runs], ".4f") if chat
+                   else _ms([m.get("eval_perplexity") for m in runs], ".3f"))
+        lrs = "/".join(f"{x:g}" for x in sorted({m["lr"] for m in runs}))
+        w(f"| {label} | {len(runs)} | {first_q} | {_ms([m['eval_loss'] for m in runs], '.4f')} | {lrs} | "
+          f"{_ms([m['step_time_median_s'] for m in runs], '.3f')} | {ratio} | {_mean([m['peak_rss_mb'] for m in runs]):.0f} | "
+          f"{human_bytes(state)} | {_mean([m['trainable_entries'] for m in runs]):,.0f} | {updated} | "
+          f"{human_bytes(_mean([m['adapter_bytes'] for m in runs]))} |\n")
+    w("\n")
+    if chat and all_runs:
+        n = first.get("num_eval", 0)
+        if n:
+            w(f"One exact-match rate on {n} examples has a standard error of about {100 * math.sqrt(0.25 / n):.1f} "
+              "pt at 50%: small gaps are noise.\n\n")
+    w("## Runs\n\n")
+    w(f"| method | seed | {quality_cols} final train loss | steps | lr | k | LoRA r | median step (s) | "
+      "calibration (s) | peak RSS (MB) | train state | entries ever updated | adapter |\n")
+    w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    for label in methods:
+        for m in results.get(label, []):
+            q = (f"{m['eval_exact_match']:.4f}" if chat else f"{m['eval_perplexity']:.3f}")
+            w(f"| {label} | {m['seed']} | {q} | {m['eval_loss']:.4f} | {m['final_train_loss']:.4f} | "
+              f"{m['train_steps']} | {m['lr']:g} | {m['k']} | {m['lora_rank'] or '—'} | "
+              f"{m['step_time_median_s']:.3f} | {m['calibration_time_s']:.1f} | {m['peak_rss_mb']:.0f} | "
+              f"{human_bytes((m.get('train_state_bytes') or {}).get('total'))} | {m['entries_updated']:,d} | "
+              f"{human_bytes(m['adapter_bytes'])} |\n")
+    if chat:
+        w("\n## Sample answers (first held-out examples)\n\n")
+        w("| method | seed | reference | generated |\n|---|---|---|---|\n")
+        for label in methods:
+            for m in results.get(label, []):
+                for s in (m.get("eval_samples") or [])[:3]:
+                    gen = str(s.get("generated", "")).replace("|", "\\|").replace("\n", " ")[:80]
+                    w(f"| {label} | {m['seed']} | {s.get('reference')} | {gen} |\n")
+    w("\n## Columns\n\n")
+    if chat:
+        w("- **exact match**: share of held-out examples whose greedy answer (chat template, generation stopped at "
+          "the end-of-turn token) equals the reference after normalisation (lowercase, punctuation dropped, first "
+          "word for one-word references).\n"
+          "- **held-out loss**: mean cross-entropy per answer token (the answer and its end-of-turn token; the "
+          "prompt is masked).\n")
+    else:
+        w("- **perplexity**: exp of the mean held-out token loss, on chunks from text regions no training chunk "
+          "comes from.\n")
+    w("- **median step**: one optimizer step (forward, backward, optimizer, zero_grad), median over the steps after "
+      "the first; SparseGrad's calibration is listed apart (per run).\n"
+      "- **peak RSS**: the whole process; each run has its own process.\n"
+      "- **train state**: exact bytes of the trainable parameters, their gradients and the optimizer state at the "
+      "last step (`sg.training_state_bytes`).\n"
+      "- **entries / step**: SparseGrad/MeProp k per matrix (`sg.count_parameters`); LoRA and full: the trainable "
+      "parameter count.\n"
+      "- **entries ever updated**: distinct entries of the adapted MLP matrices that training changed.\n"
+      "- **adapter**: bytes of the saved adapter files (SparseGrad stores its bases, one pair per kind, too).\n\n")
+    w("![comparison](comparison.png)\n")
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def plot_lm_comparison(path: Path, results: dict[str, list[dict[str, Any]]], methods: list[str]) -> None:
+    """Four panels: quality (exact match or perplexity), held-out loss, median step time, training loss curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [m for m in methods if results.get(m)]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.5))
+    x = list(range(len(labels)))
+    colors = [COLORS.get(label, "#777777") for label in labels]
+    chat = bool(labels) and results[labels[0]][0].get("eval_exact_match") is not None
+
+    def bars(ax, key, title, ylabel):
+        stats = [mean_std([m[key] for m in results[lab] if m.get(key) is not None]) for lab in labels]
+        ax.bar(x, [s[0] for s in stats], yerr=[s[1] for s in stats], color=colors, capsize=4)
+        ax.set_xticks(x, labels, rotation=20)
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+
+    if chat:
+        bars(axes[0], "eval_exact_match", "held-out exact match", "share")
+        axes[0].set_ylim(0, 1)
+    else:
+        bars(axes[0], "eval_perplexity", "held-out perplexity", "perplexity")
+    bars(axes[1], "eval_loss", "held-out loss per target token", "nats")
+    bars(axes[2], "step_time_median_s", "median step time", "seconds")
+    loss_panel(axes[3], results, labels, colors)
+    save_figure(fig, path)
