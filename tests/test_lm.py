@@ -10,7 +10,7 @@ import torch
 import sparsegrad as sg
 from sparsegrad.finetune import lm
 from sparsegrad.finetune.cli import main
-from sparsegrad.finetune.methods import METHODS, prepare_method
+from sparsegrad.finetune.methods import DEFAULT_LR, METHODS, block_indices, prepare_method
 from sparsegrad.finetune.train import finetune, load_finetuned
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def test_gate_up_down_kinds_blocks_and_exactness():
 @pytest.mark.parametrize("method", METHODS)
 def test_every_nth_block_scope_mlp_trains_only_chosen_mlps(method):
     model = tiny_llama(layers=4)
-    prep = prepare_method(model, method, density=0.05, layers_to_transform=lm.block_indices(model, 3),
+    prep = prepare_method(model, method, density=0.05, layers_to_transform=block_indices(model, 3),
                           head_names=(), calibration_batches=batches(2) if method == "sparsegrad" else None)
     assert len(prep.target_names) == 6 and all(".layers.0." in n or ".layers.3." in n for n in prep.target_names)
     trainable = [n for n, p in prep.model.named_parameters() if p.requires_grad]
@@ -300,7 +300,7 @@ def _run(tiny_dir, out, **kw):
 def test_finetune_bbc_instruct_every_method(tiny_dir, tmp_path, method):
     m = _run(tiny_dir, tmp_path / method, method=method)
     assert LM_KEYS <= set(m) and m["model_kind"] == "causal-lm" and m["task"] == "bbc-instruct"
-    assert m["lr"] == lm.DEFAULT_LM_LR[(method, "mlp")]
+    assert m["lr"] == DEFAULT_LR[("causal-lm", method, "mlp")]
     assert m["train_steps"] == 2 and m["layers_to_transform"] == [0, 3] and m["mlp_matrices"] == 6
     assert 0.0 <= m["eval_exact_match"] <= 1.0 and m["eval_loss"] > 0 and m["eval_tokens"] > 0
     assert m["entries_updated"] > 0 and m["adapter_bytes"] > 0
@@ -349,7 +349,10 @@ def test_cli_finetune_generate_merge_and_compare(tiny_dir, tmp_path, capsys):
     rc = main(["merge", "--adapter", str(out / "adapter"), "--output", str(tmp_path / "merged")])
     assert rc == 0 and "AutoModelForCausalLM" in capsys.readouterr().out
     assert main(["generate", "--prompt", "x", "--task", "bbc-instruct"]) == 2  # mutually exclusive
-    assert main(["calibrate", "--model", str(tiny_dir), "--task", "shakespeare"]) == 2  # classifier tasks only
+    # calibrate takes decoder tasks too (the same task kinds as finetune)
+    assert main(["calibrate", "--model", str(tiny_dir), "--task", "shakespeare", "--max-length", "32", "--no-progress",
+                 "--output-dir", str(tmp_path / "cal")]) == 0
+    assert json.loads((tmp_path / "cal" / "report.json").read_text())["task"] == "shakespeare"
     assert main(["finetune", "--model", str(tiny_dir), "--task", "bbc", "--no-progress"]) == 2  # a causal LM
     assert "is a causal LM" in capsys.readouterr().err
     capsys.readouterr()

@@ -7,6 +7,7 @@ names of `tasks`), never typed again.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -102,8 +103,11 @@ class FinetuneConfig:
         for name, choices in (("method", tuple(METHODS)), ("train_scope", SCOPES), ("support", SUPPORT_MODES),
                               ("basis_sharing", BASIS_SHARING_CHOICES), ("dtype", DTYPE_CHOICES),
                               ("device", DEVICE_CHOICES), ("on_nonfinite", NONFINITE_CHOICES)):
-            if getattr(self, name) not in choices:
-                raise UsageError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if value not in choices:
+                near = difflib.get_close_matches(str(value), choices, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise UsageError(f"{name} must be one of {', '.join(choices)}, got {value!r}{hint}")
         if self.k is not None and not _positive_int(self.k):
             raise UsageError(f"k must be a positive integer, got {self.k!r}")
         if self.k is None:
