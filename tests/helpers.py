@@ -65,6 +65,37 @@ def tiny_model(kind: str, *, seed: int = 0, layers: int = 2, vocab: int | None =
     return model.to(dtype).eval()
 
 
+def make_tiny_bert(seed: int = 0, layers: int = 2, num_labels: int = 3):
+    """The core tests' tiny BERT classifier (vocabulary 120, no dropout)."""
+    return tiny_model(CLASSIFIER, seed=seed, layers=layers, num_labels=num_labels)
+
+
+def make_tiny_llama(seed: int = 0, layers: int = 2):
+    """The core tests' tiny LLaMA (vocabulary 128)."""
+    return tiny_model(CAUSAL_LM, seed=seed, layers=layers)
+
+
+def bert_batches(n: int, seed: int = 0, batch: int = 4, length: int = 12, num_labels: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, 120, (batch, length), generator=g)
+        mask = torch.ones_like(ids)
+        mask[0, length - 3:] = 0  # one padded row: exercises zero output-gradient rows
+        out.append({"input_ids": ids, "attention_mask": mask,
+                    "labels": torch.randint(0, num_labels, (batch,), generator=g)})
+    return out
+
+
+def llama_batches(n: int, seed: int = 0, batch: int = 2, length: int = 10):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 128, (batch, length), generator=g)
+        out.append({"input_ids": ids, "labels": ids.clone()})
+    return out
+
+
 def word_tokenizer():
     """A WordPiece tokenizer over the topic and filler words of `make_csv`."""
     from transformers import BertTokenizer
@@ -153,12 +184,11 @@ def finetune_argv(kind: str, model_dir, train_file, method: str, support: str, *
     """A short `sparsegrad finetune` command line of one run of the matrix."""
     argv = ["finetune", "--model", str(model_dir), "--train-file", str(train_file), "--method", method,
             "--max-length", "32" if kind == CLASSIFIER else "48", "--max-steps", str(steps), "--batch-size",
-            str(batch_size), "--density", "0.05", "--no-progress", "--calibration-steps", "1"]
+            str(batch_size), "--density", "0.05", "--no-progress"]
     if method in ("sparsegrad", "meprop"):
         argv += ["--support", support]
-    if method != "sparsegrad":
-        argv.remove("--calibration-steps")
-        argv.remove("1")
+    if method == "sparsegrad":
+        argv += ["--calibration-steps", "1"]
     for flag, value in flags.items():
         argv += [f"--{flag.replace('_', '-')}"] + ([] if value is True else [str(value)])
     return argv

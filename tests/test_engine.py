@@ -184,3 +184,23 @@ def test_nonfinite_and_signals_for_a_causal_lm(assets, tmp_path, monkeypatch, ca
     assert main(["finetune", "--resume", str(tmp_path / "term"), "--no-progress"]) == 0
     assert main(argv_of(assets, run, tmp_path / "whole")) == 0
     assert losses(tmp_path / "term") == losses(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("kind", [CLASSIFIER, CAUSAL_LM])
+def test_target_modules_and_layers_to_transform(assets, tmp_path, kind):
+    """--target-modules REGEX and --layers-to-transform LIST choose the adapted matrices, for every method."""
+    model, data = assets[kind]
+    target = r".*\.intermediate\.dense" if kind == CLASSIFIER else r"model\.layers\.\d+\.mlp\.down_proj"
+    for method in ("sparsegrad", "lora", "full"):
+        out = tmp_path / method
+        assert main(finetune_argv(kind, model, data, method, "dynamic", steps=1, output_dir=out,
+                                  target_modules=target, layers_to_transform="1")) == 0
+        m = metrics(out)
+        assert m["mlp_matrices"] == 1 and m["layers_to_transform"] == [1], method
+        info = json.loads((out / "adapter" / "task.json").read_text())
+        assert info["layers_to_transform"] == [1]
+        load_finetuned(out / "adapter")  # reloads
+    with pytest.raises(UsageError, match="not a regular expression"):
+        FinetuneConfig(target_modules="(").validate()
+    with pytest.raises(UsageError, match="layers_to_transform or every_nth_block, not both"):
+        FinetuneConfig(layers_to_transform=[0], every_nth_block=2).validate()

@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from conftest import bert_batches, make_tiny_bert, make_tiny_llama
+from helpers import bert_batches, make_tiny_bert, make_tiny_llama
 
 import sparsegrad as sg
 from sparsegrad.finetune.methods import (

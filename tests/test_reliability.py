@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save
-from test_distributed import adapter_tensors, losses, make_tiny_model_dir_no_dropout, max_param_diff
-from test_train import make_csv, make_tiny_model_dir
+from helpers import CLASSIFIER, adapter_tensors, losses, make_csv, max_param_diff, tiny_model_dir
 
 import sparsegrad as sg
 from sparsegrad.finetune.checkpoint import MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, list_checkpoints
@@ -36,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny(tmp_path_factory):
     """The tests' tiny BERT with dropout (resume must restore the dropout RNG) and a dropout-free twin."""
     root = tmp_path_factory.mktemp("rel")
-    return {"model": make_tiny_model_dir(root / "model"), "model0": make_tiny_model_dir_no_dropout(root / "model0"),
+    return {"model": tiny_model_dir(CLASSIFIER, root / "model"), "model0": tiny_model_dir(CLASSIFIER, root / "model0", dropout=0.0),
             "train": make_csv(root / "train.csv")}
 
 

@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import sparsegrad as sg
 from sparsegrad.config import SUPPORT_MODES
 from sparsegrad.io import atomic_directory
 
@@ -92,6 +93,20 @@ _non_negative_float = _number(float, lambda v: 0 <= v < float("inf"), "a number 
 _ratio = _number(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
 
 
+def _block_list(text: str) -> list[int]:
+    try:
+        blocks = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of block indices, got {text!r}") from None
+    if not blocks or any(b < 0 for b in blocks):
+        raise argparse.ArgumentTypeError(f"expected a comma list of block indices >= 0, got {text!r}")
+    return blocks
+
+
+def sg_targets_hint() -> str:
+    return sg.BERT_MLP_TARGETS.replace("%", "%%")
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data and model")
     g.add_argument("--model", default=None,
@@ -145,6 +160,11 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--every-nth-block", type=_positive_int, default=None,
                    help="adapt the MLPs of blocks 0, n, 2n, ... only (default: every block; the paper's LLaMA "
                         "runs use 3)")
+    g.add_argument("--layers-to-transform", type=_block_list, default=None, metavar="LIST",
+                   help="adapt the blocks of this comma list only, e.g. 0,3,6 (instead of --every-nth-block)")
+    g.add_argument("--target-modules", default=None, metavar="REGEX",
+                   help="the module names to adapt, a regex that must match a whole name (default: the model's "
+                        "MLP matrices, e.g. " + sg_targets_hint() + "), for every method")
 
 
 def _add_train_args(p: argparse.ArgumentParser, *, compare: bool) -> None:
@@ -337,7 +357,8 @@ def _finetune_config(args: argparse.Namespace, command: str | None = None) -> Fi
         lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, seed=args.seed,
         max_length=args.max_length, calibration_steps=args.calibration_steps, score_steps=args.score_steps,
         basis_sharing=args.basis_sharing or "kind", refresh_every=args.refresh_every, max_train=args.max_train or None, max_eval=args.max_eval or None, lora_rank=args.lora_rank,
-        every_nth_block=args.every_nth_block, prompt_column=args.prompt_column,
+        every_nth_block=args.every_nth_block, layers_to_transform=args.layers_to_transform,
+        target_modules=args.target_modules, prompt_column=args.prompt_column,
         response_column=args.response_column, dtype=args.dtype, device=args.device,
         output_dir=args.output_dir, progress=not args.no_progress, command=command,
         grad_accum=args.grad_accum, save_every=args.save_every, resume=args.resume,
@@ -410,7 +431,8 @@ def cmd_calibrate(args: argparse.Namespace, command: str) -> int:
         max_length=args.max_length, batch_size=args.batch_size, seed=args.seed,
         density=args.density if args.k is None else None, k=args.k, support=args.support,
         basis_sharing=args.basis_sharing, calibration_steps=args.calibration_steps, score_steps=args.score_steps,
-        output_dir=out_dir, progress=not args.no_progress, prompt_column=args.prompt_column,
+        target_modules=args.target_modules, output_dir=out_dir, progress=not args.no_progress,
+        prompt_column=args.prompt_column,
         response_column=args.response_column, device=args.device,
     )
     print(f"\nbases of {len(report)} kinds from {args.calibration_steps} steps in {seconds:.1f} s -> {path}")

@@ -109,7 +109,7 @@ def train(cfg: FinetuneConfig, ctx: DistContext) -> dict[str, Any]:
     if device.type != "cpu":
         model.to(device)
     with usage_errors():
-        layers = block_indices(model, cfg.every_nth_block)
+        layers = cfg.layers_to_transform or block_indices(model, cfg.every_nth_block)
 
     # 2. Batches: one batch is one optimizer step of batch_size x processes x grad_accum examples, in a seeded
     #    order per epoch, cut into this rank's micro-batches in the loop.
@@ -411,6 +411,7 @@ def prepare(model, method: Method, task: Task, cfg: FinetuneConfig, ctx: DistCon
         return prepare_method(
             model, cfg.method, budget_k=cfg.k, density=cfg.density if cfg.k is None else None, support=cfg.support,
             train_scope=cfg.train_scope, layers_to_transform=layers, head_names=task.head_names,
+            target_modules=cfg.target_modules,
             calibration_batches=batches, loss_fn=loss_fn, calibration_options=options,
             bases=resume.bases if resume is not None else None, calibration_steps=cfg.calibration_steps,
             score_steps=cfg.score_steps, basis_sharing=cfg.basis_sharing, lora_rank=cfg.lora_rank,

@@ -11,6 +11,7 @@ import difflib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,10 @@ class FinetuneConfig:
     basis_sharing: str = "kind"
     every_nth_block: int | None = None
     """Adapt the MLPs of blocks 0, n, 2n, ... only (None: every block)."""
+    layers_to_transform: list[int] | None = None
+    """Adapt the MLPs of these blocks only (instead of every_nth_block)."""
+    target_modules: str | None = None
+    """A regex of the module names to adapt (full match; default: the model's MLP matrices), for every method."""
     prompt_column: str | None = None
     """Decoders: prompt column of a prompt/response --train-file (default "prompt"); setting it selects the
     decoder path."""
@@ -127,6 +132,19 @@ class FinetuneConfig:
             value = getattr(self, name)
             if value is not None and not _positive_int(value):
                 raise UsageError(f"{name} must be a positive integer, got {value!r}")
+        if self.layers_to_transform is not None:
+            if self.every_nth_block is not None:
+                raise UsageError("give layers_to_transform or every_nth_block, not both")
+            if (not isinstance(self.layers_to_transform, list) or not self.layers_to_transform
+                    or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                               for i in self.layers_to_transform)):
+                raise UsageError(f"layers_to_transform must be a non-empty list of block indices >= 0, got "
+                                 f"{self.layers_to_transform!r}")
+        if self.target_modules is not None:
+            try:
+                re.compile(self.target_modules)
+            except re.error as exc:
+                raise UsageError(f"target_modules {self.target_modules!r} is not a regular expression ({exc})") from None
         if self.score_steps is not None and not (_positive_int(self.score_steps) or self.score_steps == 0):
             raise UsageError(f"score_steps must be an integer >= 0, got {self.score_steps!r}")
         try:

@@ -125,6 +125,10 @@ def common_finetune_args(args: Namespace) -> list[str]:
 
     if getattr(args, "every_nth_block", None) is not None:
         out += ["--every-nth-block", str(args.every_nth_block)]
+    if getattr(args, "layers_to_transform", None) is not None:
+        out += ["--layers-to-transform", ",".join(map(str, args.layers_to_transform))]
+    if getattr(args, "target_modules", None) is not None:
+        out += ["--target-modules", args.target_modules]
     if getattr(args, "dtype", "float32") != "float32":
         out += ["--dtype", args.dtype]
     return out
