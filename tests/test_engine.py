@@ -204,3 +204,23 @@ def test_target_modules_and_layers_to_transform(assets, tmp_path, kind):
         FinetuneConfig(target_modules="(").validate()
     with pytest.raises(UsageError, match="layers_to_transform or every_nth_block, not both"):
         FinetuneConfig(layers_to_transform=[0], every_nth_block=2).validate()
+
+
+@pytest.mark.parametrize("kind", [CLASSIFIER, CAUSAL_LM])
+def test_bfloat16_and_refresh_for_both_kinds(assets, tmp_path, kind):
+    """--dtype bfloat16 (on the CPU: bf16 weights, fp32 deltas) and --refresh-every work for every task kind."""
+    import math
+
+    model, data = assets[kind]
+    bf16 = tmp_path / "bf16"
+    assert main(finetune_argv(kind, model, data, "sparsegrad", "dynamic", steps=2, output_dir=bf16,
+                              dtype="bfloat16")) == 0
+    assert metrics(bf16)["dtype"] == "bfloat16" and all(math.isfinite(v) for v in losses(bf16))
+    reloaded, _, _ = load_finetuned(bf16 / "adapter", merge=False)
+    assert json.loads((bf16 / "adapter" / "task.json").read_text())["dtype"] == "bfloat16"  # the trained weights
+    assert next(reloaded.parameters()).dtype == torch.bfloat16
+    refresh = tmp_path / "refresh"
+    assert main(finetune_argv(kind, model, data, "sparsegrad", "dynamic", steps=3, output_dir=refresh,
+                              refresh_every=2)) == 0
+    assert metrics(refresh)["refreshed_at_steps"] == [2]
+    load_finetuned(refresh / "adapter")

@@ -211,7 +211,8 @@ def train(cfg: FinetuneConfig, ctx: DistContext) -> dict[str, Any]:
             raise TrainingDiverged(f"the trained parameters hold non-finite values ({bad[:3]}): no adapter written; "
                                    f"lower the learning rate (now {lr:g})")
         task_info = {"format": "sparsegrad-finetune-task", "method": cfg.method, "model": cfg.model or task.default_model,
-                     "task": task.name, **task.task_info(), "train_scope": cfg.train_scope, "support": cfg.support,
+                     "task": task.name, **task.task_info(), "dtype": str(precision.weights).removeprefix("torch."),
+                     "train_scope": cfg.train_scope, "support": cfg.support,
                      "max_length": cfg.max_length, "every_nth_block": cfg.every_nth_block,
                      "layers_to_transform": layers, "lora_rank": prepared.lora_rank, "lora_alpha": prepared.lora_alpha,
                      "target_modules": prepared.config.target_modules if prepared.config else None}

@@ -44,7 +44,8 @@ class Task(Protocol):
         """Held-out metrics (``eval_*`` keys) of the trained model, on the model's device."""
 
     def task_info(self) -> dict[str, Any]:
-        """The task's fields of task.json (enough to rebuild the model with `load_model`)."""
+        """The task's fields of task.json (with the run's fields, enough to rebuild the model with `load_model`;
+        ``dtype`` there is the dtype of the weights the adapter was trained on)."""
 
     def describe(self) -> dict[str, Any]:
         """The task's fields of metrics.json (data sizes, labels or prompt format)."""

@@ -22,7 +22,6 @@ class CausalLMTask:
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
         self.name = cfg.task_name
-        self.dtype = cfg.dtype
 
     def load(self, cfg: Any, dtype: torch.dtype) -> tuple[nn.Module, Any]:
         """The model first: its tokenizer shapes the examples."""
@@ -72,7 +71,7 @@ class CausalLMTask:
                 "eval_exact_match": exact, "eval_tokens": result["eval_tokens"], "eval_samples": samples}
 
     def task_info(self) -> dict[str, Any]:
-        return {"model_kind": KIND, "data_kind": self.data.kind, "dtype": self.dtype}
+        return {"model_kind": KIND, "data_kind": self.data.kind}
 
     def describe(self) -> dict[str, Any]:
         train = self.data.train

@@ -93,6 +93,8 @@ def load_split(cfg: Any) -> D.TextClassificationData:
                        max_eval=cfg.max_eval)
 
 
-def load_model(name: str | None, info: dict[str, Any], dtype: torch.dtype = torch.float32):
-    """(classifier, tokenizer) for the labels in ``info`` (task.json's ``num_labels``, ``label_names``)."""
+def load_model(name: str | None, info: dict[str, Any], dtype: torch.dtype | None = None):
+    """(classifier, tokenizer) for the labels in ``info`` (task.json's ``num_labels``, ``label_names``), weights in
+    ``dtype`` (default: task.json's ``dtype``, the weights the adapter was trained on)."""
+    dtype = dtype or getattr(torch, info.get("dtype", "float32"))
     return load_classifier(name, info["num_labels"], label_names=info.get("label_names"), dtype=dtype)
