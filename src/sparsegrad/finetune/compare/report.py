@@ -36,6 +36,38 @@ def run_summary(m: dict[str, Any]) -> str:
     return f"{quality}, median step {m['step_time_median_s']:.3f} s"
 
 
+def summary_table(w, results: dict[str, list[dict[str, Any]]], methods: list[str], quality_headers: list[str],
+                  quality, ref_label: str, ref_time: float | None) -> None:
+    """The per-method summary table: the task kind's quality columns, then the shared cost columns."""
+    cols = ["method", "runs", *quality_headers, "lr", "median step (s)", f"step time / {ref_label}", "peak RSS (MB)",
+            "train state", "entries / step", "entries ever updated", "adapter"]
+    w("| " + " | ".join(cols) + " |\n")
+    w("|" + "---|" * len(cols) + "\n")
+    for label in methods:
+        runs = results.get(label, [])
+        if not runs:
+            w(f"| {label} | 0 |" + " — |" * (len(cols) - 2) + "\n")
+            continue
+        w(summary_row(label, runs, quality(runs), ref_time))
+    w("\n")
+
+
+def summary_row(label: str, runs: list[dict[str, Any]], quality: list[str], ref_time: float | None) -> str:
+    """One method's row of the summary table: its quality cells (from the task kind), then the shared cost cells."""
+    t = _mean([m["step_time_median_s"] for m in runs])
+    ratio = f"{t / ref_time:.2f}" if ref_time and t is not None else "—"
+    state = _mean([(m.get("train_state_bytes") or {}).get("total") for m in runs])
+    upd = _mean([m["entries_updated"] for m in runs])
+    share = upd / runs[0]["mlp_entries"] if upd is not None and runs[0].get("mlp_entries") else None
+    updated = f"{upd:,.0f}" + (f" ({100 * share:.2f}%)" if share is not None else "")
+    cells = [label, str(len(runs)), *quality, "/".join(f"{x:g}" for x in sorted({m["lr"] for m in runs})),
+             _ms([m["step_time_median_s"] for m in runs], ".3f"), ratio,
+             f"{_mean([m['peak_rss_mb'] for m in runs]):.0f}", human_bytes(state),
+             f"{_mean([m['trainable_entries'] for m in runs]):,.0f}", updated,
+             human_bytes(_mean([m["adapter_bytes"] for m in runs]))]
+    return "| " + " | ".join(cells) + " |\n"
+
+
 def read_loss(run_dir: str | Path) -> list[float]:
     path = Path(run_dir) / "loss.csv"
     if not path.is_file():
@@ -67,28 +99,9 @@ def write_results_md(path: Path, results: dict[str, list[dict[str, Any]]], metho
     ref_label, ref_time = write_run_checks(
         w, all_runs, ("num_train", "num_eval", "train_steps", "batch_size", "max_length", "train_scope"),
         "split, the head initialisation, the batch order and the dropout stream", failed, results, methods)
-    w(f"| method | runs | accuracy | macro-F1 | eval loss | lr | median step (s) | step time / {ref_label} | "
-      "peak RSS (MB) | train state | entries / step | entries ever updated | adapter |\n")
-    w("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-    for label in methods:
-        runs = results.get(label, [])
-        if not runs:
-            w(f"| {label} | 0 | — | — | — | — | — | — | — | — | — | — | — |\n")
-            continue
-        t = _mean([m["step_time_median_s"] for m in runs])
-        ratio = f"{t / ref_time:.2f}" if ref_time and t is not None else "—"
-        state = _mean([m["train_state_bytes"].get("total") for m in runs if m.get("train_state_bytes")])
-        upd = _mean([m["entries_updated"] for m in runs])
-        share = upd / runs[0]["mlp_entries"] if upd is not None and runs[0].get("mlp_entries") else None
-        lrs = sorted({m["lr"] for m in runs})
-        updated = f"{upd:,.0f}" + (f" ({100 * share:.2f}%)" if share is not None else "")
-        rss = _mean([m["peak_rss_mb"] for m in runs])
-        w(f"| {label} | {len(runs)} | {_ms([m['eval_accuracy'] for m in runs], '.4f')} | "
-          f"{_ms([m['eval_macro_f1'] for m in runs], '.4f')} | {_ms([m['eval_loss'] for m in runs], '.4f')} | "
-          f"{'/'.join(f'{x:g}' for x in lrs)} | {_ms([m['step_time_median_s'] for m in runs], '.3f')} | {ratio} | "
-          f"{rss:.0f} | {human_bytes(state)} | {_mean([m['trainable_entries'] for m in runs]):,.0f} | "
-          f"{updated} | {human_bytes(_mean([m['adapter_bytes'] for m in runs]))} |\n")
-    w("\n")
+    summary_table(w, results, methods, ["accuracy", "macro-F1", "eval loss"],
+                  lambda runs: [_ms([m[key] for m in runs], ".4f")
+                                for key in ("eval_accuracy", "eval_macro_f1", "eval_loss")], ref_label, ref_time)
     if "lora" in results and len(results) > 1:
         lora = {m["seed"]: m for m in results["lora"]}
         lines = []
@@ -263,28 +276,11 @@ def write_lm_results_md(path: Path, results: dict[str, list[dict[str, Any]]], me
         w, all_runs, ("num_train", "num_eval", "train_steps", "batch_size", "max_length", "train_scope", "dtype",
                       "every_nth_block"), "split and the batch order", failed, results, methods)
     quality_cols = "exact match | held-out loss (answer tokens) |" if chat else "perplexity | held-out loss |"
-    w(f"| method | runs | {quality_cols} lr | median step (s) | step time / {ref_label} | peak RSS (MB) | "
-      "train state | entries / step | entries ever updated | adapter |\n")
-    w("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-    for label in methods:
-        runs = results.get(label, [])
-        if not runs:
-            w(f"| {label} | 0 |" + " — |" * 10 + "\n")
-            continue
-        t = _mean([m["step_time_median_s"] for m in runs])
-        ratio = f"{t / ref_time:.2f}" if ref_time and t is not None else "—"
-        state = _mean([(m.get("train_state_bytes") or {}).get("total") for m in runs])
-        upd = _mean([m["entries_updated"] for m in runs])
-        share = upd / runs[0]["mlp_entries"] if upd is not None and runs[0].get("mlp_entries") else None
-        updated = f"{upd:,.0f}" + (f" ({100 * share:.2f}%)" if share is not None else "")
-        first_q = (_ms([m.get("eval_exact_match") for m in runs], ".4f") if chat
-                   else _ms([m.get("eval_perplexity") for m in runs], ".3f"))
-        lrs = "/".join(f"{x:g}" for x in sorted({m["lr"] for m in runs}))
-        w(f"| {label} | {len(runs)} | {first_q} | {_ms([m['eval_loss'] for m in runs], '.4f')} | {lrs} | "
-          f"{_ms([m['step_time_median_s'] for m in runs], '.3f')} | {ratio} | {_mean([m['peak_rss_mb'] for m in runs]):.0f} | "
-          f"{human_bytes(state)} | {_mean([m['trainable_entries'] for m in runs]):,.0f} | {updated} | "
-          f"{human_bytes(_mean([m['adapter_bytes'] for m in runs]))} |\n")
-    w("\n")
+    summary_table(w, results, methods, ["exact match", "held-out loss (answer tokens)"] if chat
+                  else ["perplexity", "held-out loss"],
+                  lambda runs: [_ms([m.get("eval_exact_match") for m in runs], ".4f") if chat
+                                else _ms([m.get("eval_perplexity") for m in runs], ".3f"),
+                                _ms([m["eval_loss"] for m in runs], ".4f")], ref_label, ref_time)
     if chat and all_runs:
         n = first.get("num_eval", 0)
         if n:
