@@ -123,7 +123,7 @@ def test_two_processes_equal_one(assets, tmp_path):
     runs = {run_id(r): argv_of(assets, r, tmp_path / "ddp" / run_id(r), batch_size=2) for r in RUNS}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(WORKER), json.dumps(runs)], capture_output=True, text=True, timeout=500, env=env,
+                           str(WORKER), json.dumps(runs)], capture_output=True, text=True, timeout=1500, env=env,
                           cwd=str(ROOT))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for run in RUNS:
