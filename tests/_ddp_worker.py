@@ -17,6 +17,11 @@ def run() -> int:
         codes[name] = main(argv)
     if os.environ.get("RANK") == "0":
         print("EXIT CODES", json.dumps(codes), flush=True)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # leave the group in step, not from gloo threads at exit
+        dist.barrier()
+        dist.destroy_process_group()
     return max(codes.values(), default=0)
 
 

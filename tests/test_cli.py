@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from test_train import make_csv, make_tiny_model_dir
+from helpers import CLASSIFIER, make_csv, tiny_model_dir
 
 from sparsegrad.finetune.cli import main
 
@@ -14,7 +14,7 @@ from sparsegrad.finetune.cli import main
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tinycli")
-    return make_tiny_model_dir(root / "model"), make_csv(root / "train.csv")
+    return tiny_model_dir(CLASSIFIER, root / "model"), make_csv(root / "train.csv")
 
 
 def _err(capsys, argv):

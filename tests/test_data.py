@@ -47,7 +47,7 @@ def _hide_package(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     def fake(module: str, *args, **kwargs):
         return None if module == name else real(module, *args, **kwargs)
 
-    monkeypatch.setattr(D.importlib.util, "find_spec", fake)
+    monkeypatch.setattr(importlib.util, "find_spec", fake)
 
 
 def _write_csv(path: Path, rows: list[tuple[str, str]], header: str = "text,label") -> Path:

@@ -1,7 +1,6 @@
 """torchrun / DDP: a 2-process run equals a 1-process run with the same global batch; micro-batch sharding;
 broadcast_bases; the pending fixed support chosen from the all-reduced gradient."""
 
-import csv
 import json
 import os
 import socket
@@ -11,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from test_train import FILL, WORDS, make_csv
+from helpers import CLASSIFIER, losses, make_csv, max_param_diff, tiny_model_dir
 
 from sparsegrad.finetune.cli import main
 from sparsegrad.finetune.distributed import even_parts, step_micro_batches, take_rows
@@ -21,48 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "_ddp_worker.py"
 
 
-def make_tiny_model_dir_no_dropout(path, seed=0):
-    """The tests' tiny BERT (hidden 32, 2 layers, a 40-word vocabulary) with dropout off, so that 1 and 2 processes
-    compute the same function of the same examples."""
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + FILL + [w for ws in WORDS.values() for w in ws]
-    tok = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0)
-    torch.manual_seed(seed)
-    BertModel(cfg).save_pretrained(str(path))
-    tok.save_pretrained(str(path))
-    return Path(path)
-
-
 @pytest.fixture(scope="module")
 def tiny0(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny0")
-    return make_tiny_model_dir_no_dropout(root / "model"), make_csv(root / "train.csv", n=60)
-
-
-def losses(run: Path) -> list[float]:
-    with open(run / "loss.csv", newline="") as fh:
-        return [float(r["loss"]) for r in csv.DictReader(fh)]
-
-
-def adapter_tensors(run: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted((run / "adapter").glob("*.safetensors")):
-        out.update({f"{f.name}:{k}": v for k, v in load_file(str(f)).items()})
-    return out
-
-
-def max_param_diff(a: Path, b: Path) -> float:
-    ta, tb = adapter_tensors(a), adapter_tensors(b)
-    assert set(ta) == set(tb)
-    worst = 0.0
-    for k in ta:
-        assert ta[k].shape == tb[k].shape, k
-        worst = max(worst, float((ta[k].double() - tb[k].double()).abs().max()) if ta[k].numel() else 0.0)
-    return worst
+    return tiny_model_dir(CLASSIFIER, root / "model", dropout=0.0), make_csv(root / "train.csv", n=60)
 
 
 def common_args(tiny0, steps=4):

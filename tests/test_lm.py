@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import CAUSAL_LM, chat_tokenizer, tiny_model, tiny_model_dir
+
 import sparsegrad as sg
 from sparsegrad.finetune import lm
 from sparsegrad.finetune.cli import main
-from sparsegrad.finetune.methods import METHODS, prepare_method
+from sparsegrad.finetune.methods import DEFAULT_LR, METHODS, block_indices, prepare_method
 from sparsegrad.finetune.train import finetune, load_finetuned
 
 ROOT = Path(__file__).resolve().parents[1]
-TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-            "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 LM_KEYS = {"method", "task", "seed", "train_steps", "step_time_median_s", "calibration_time_s", "peak_rss_mb",
            "train_state_bytes", "trainable_entries", "entries_updated", "adapter_bytes", "eval_loss",
            "eval_perplexity", "eval_exact_match", "model_kind", "layers_to_transform"}
@@ -23,49 +23,19 @@ LM_KEYS = {"method", "task", "seed", "train_steps", "step_time_median_s", "calib
 
 # ------------------------------------------------------------------------------------------------- tiny models
 def tiny_llama(layers=4, vocab=128, seed=0, dtype=torch.float32):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    return tiny_model(CAUSAL_LM, layers=layers, vocab=vocab, seed=seed, dtype=dtype, max_positions=256,
                       tie_word_embeddings=False, pad_token_id=2, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg).to(dtype).eval()
-
-
-def tiny_tokenizer():
-    """A byte-level BPE (vocabulary 512) trained on the BBC instruction and a few articles, with ChatML specials
-    and a ChatML chat template: a real transformers tokenizer, made in well under a second."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from sparsegrad.finetune.data import load_task
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    texts = load_task("bbc", max_train=40, max_eval=5).train_texts
-    tok.train_from_iterator([lm.BBC_INSTRUCTION] * 20 + texts + ["user assistant sport tech"] * 5, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<|im_end|>", unk_token="<|endoftext|>")
-    fast.chat_template = TEMPLATE
-    return fast
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return tiny_tokenizer()
+    return chat_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tok):
     """A 4-block random LlamaForCausalLM + the tiny tokenizer, saved like a real checkpoint."""
-    d = tmp_path_factory.mktemp("tiny-llama") / "model"
-    model = tiny_llama(layers=4, vocab=len(tok))
-    model.save_pretrained(str(d))
-    tok.save_pretrained(str(d))
-    return d
+    return tiny_model_dir(CAUSAL_LM, tmp_path_factory.mktemp("tiny-llama") / "model", tokenizer=tok)
 
 
 def batches(n, vocab=128, batch=2, length=10, seed=0):
@@ -105,7 +75,7 @@ def test_gate_up_down_kinds_blocks_and_exactness():
 @pytest.mark.parametrize("method", METHODS)
 def test_every_nth_block_scope_mlp_trains_only_chosen_mlps(method):
     model = tiny_llama(layers=4)
-    prep = prepare_method(model, method, density=0.05, layers_to_transform=lm.block_indices(model, 3),
+    prep = prepare_method(model, method, density=0.05, layers_to_transform=block_indices(model, 3),
                           head_names=(), calibration_batches=batches(2) if method == "sparsegrad" else None)
     assert len(prep.target_names) == 6 and all(".layers.0." in n or ".layers.3." in n for n in prep.target_names)
     trainable = [n for n, p in prep.model.named_parameters() if p.requires_grad]
@@ -300,7 +270,7 @@ def _run(tiny_dir, out, **kw):
 def test_finetune_bbc_instruct_every_method(tiny_dir, tmp_path, method):
     m = _run(tiny_dir, tmp_path / method, method=method)
     assert LM_KEYS <= set(m) and m["model_kind"] == "causal-lm" and m["task"] == "bbc-instruct"
-    assert m["lr"] == lm.DEFAULT_LM_LR[(method, "mlp")]
+    assert m["lr"] == DEFAULT_LR[("causal-lm", method, "mlp")]
     assert m["train_steps"] == 2 and m["layers_to_transform"] == [0, 3] and m["mlp_matrices"] == 6
     assert 0.0 <= m["eval_exact_match"] <= 1.0 and m["eval_loss"] > 0 and m["eval_tokens"] > 0
     assert m["entries_updated"] > 0 and m["adapter_bytes"] > 0
@@ -349,7 +319,10 @@ def test_cli_finetune_generate_merge_and_compare(tiny_dir, tmp_path, capsys):
     rc = main(["merge", "--adapter", str(out / "adapter"), "--output", str(tmp_path / "merged")])
     assert rc == 0 and "AutoModelForCausalLM" in capsys.readouterr().out
     assert main(["generate", "--prompt", "x", "--task", "bbc-instruct"]) == 2  # mutually exclusive
-    assert main(["calibrate", "--model", str(tiny_dir), "--task", "shakespeare"]) == 2  # classifier tasks only
+    # calibrate takes decoder tasks too (the same task kinds as finetune)
+    assert main(["calibrate", "--model", str(tiny_dir), "--task", "shakespeare", "--max-length", "32", "--no-progress",
+                 "--output-dir", str(tmp_path / "cal")]) == 0
+    assert json.loads((tmp_path / "cal" / "report.json").read_text())["task"] == "shakespeare"
     assert main(["finetune", "--model", str(tiny_dir), "--task", "bbc", "--no-progress"]) == 2  # a causal LM
     assert "is a causal LM" in capsys.readouterr().err
     capsys.readouterr()

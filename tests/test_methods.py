@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from conftest import bert_batches, make_tiny_bert, make_tiny_llama
+from helpers import bert_batches, make_tiny_bert, make_tiny_llama
 
 import sparsegrad as sg
 from sparsegrad.finetune.methods import (
@@ -15,6 +15,7 @@ from sparsegrad.finetune.methods import (
     default_targets,
     lora_modules,
     lora_rank_for_budget,
+    lr_help,
     prepare_method,
 )
 
@@ -163,8 +164,12 @@ def test_bad_inputs():
 
 
 def test_defaults_and_llama_targets():
-    assert default_lr("full") < default_lr("sparsegrad")
-    assert set(DEFAULT_LR) == {(m, s) for m in METHODS for s in SCOPES}
+    assert set(DEFAULT_LR) == {(kind, m, s) for kind in ("classifier", "causal-lm") for m in METHODS for s in SCOPES}
+    help_text = lr_help()  # the --lr help is written from the table: every rate appears in it
+    assert all(f"{lr:g}" in help_text for lr in DEFAULT_LR.values())
+    assert default_lr("full", "mlp", "causal-lm") == DEFAULT_LR[("causal-lm", "full", "mlp")]
+    with pytest.raises(ValueError, match="no default learning rate"):
+        default_lr("shira")
     llama = make_tiny_llama()
     assert default_targets(llama) == sg.LLAMA_MLP_TARGETS
     prep = prepare_method(llama, "lora", train_scope="mlp", density=0.05, head_names=("lm_head",))

@@ -1,4 +1,4 @@
-"""Tests for sparsegrad.finetune.models: bundled models, loading, tiny random models."""
+"""Tests for sparsegrad.finetune.models: bundled models, and loading (tests build their own tiny models: tests/helpers.py)."""
 
 from __future__ import annotations
 
@@ -130,55 +130,6 @@ def test_load_classifier_bad_args() -> None:
         M.load_classifier("minilm", 1)
     with pytest.raises(ValueError, match="got 2 label_names for num_labels=3"):
         M.load_classifier("minilm", 3, label_names=["a", "b"])
-
-
-# --------------------------------------------------------------------------------------
-# tiny random models
-# --------------------------------------------------------------------------------------
-
-
-def test_tiny_bert_forward_backward() -> None:
-    state = torch.get_rng_state()
-    model = M.tiny_bert(num_labels=3, num_layers=2)
-    assert torch.equal(torch.get_rng_state(), state)  # global RNG untouched
-    assert type(model).__name__ == "BertForSequenceClassification"
-    assert model.config.num_hidden_layers == 2 and model.config.num_labels == 3
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, M.TINY_VOCAB_SIZE, (4, 10), generator=g)
-    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([0, 1, 2, 0]))
-    assert out.logits.shape == (4, 3) and torch.isfinite(out.loss)
-    out.loss.backward()
-    for i in range(2):
-        w = model.bert.encoder.layer[i].intermediate.dense.weight
-        assert w.shape == (64, 32) and w.grad is not None and w.grad.abs().sum() > 0
-    again = M.tiny_bert(num_labels=3, num_layers=2)
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
-    other = M.tiny_bert(num_labels=3, num_layers=2, seed=1)
-    assert not torch.equal(model.classifier.weight, other.classifier.weight)
-    assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)  # no dropout
-
-
-def test_tiny_llama_forward_backward() -> None:
-    model = M.tiny_llama(num_layers=3)
-    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 3
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, M.TINY_VOCAB_SIZE, (2, 12), generator=g)
-    out = model(input_ids=ids, labels=ids)
-    assert out.logits.shape == (2, 12, M.TINY_VOCAB_SIZE) and torch.isfinite(out.loss)
-    out.loss.backward()
-    mlp = model.model.layers[0].mlp
-    assert mlp.gate_proj.weight.shape == (128, 64) and mlp.down_proj.weight.shape == (64, 128)
-    assert all(p.weight.grad is not None and p.weight.grad.abs().sum() > 0
-               for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), M.tiny_llama(num_layers=3).parameters()))
-
-
-# --------------------------------------------------------------------------------------
-# the real SmolLM2 conversion (about 40 s, 0.54 GB disk)
-# --------------------------------------------------------------------------------------
-
-
-# The session-scoped `smollm2_cache` fixture is in conftest.py (shared with tests/test_lm.py).
 
 
 @pytest.mark.slow

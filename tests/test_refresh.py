@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import sparsegrad as sg
-from conftest import bert_batches, make_tiny_bert
+from helpers import bert_batches, make_tiny_bert
 from test_model import converted_bert
 
 NAME = "bert.encoder.layer.0.intermediate.dense"

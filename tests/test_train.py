@@ -2,13 +2,13 @@
 
 import csv
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+from helpers import CLASSIFIER, make_csv, tiny_model_dir
 
 from sparsegrad.finetune import metrics as M
 from sparsegrad.finetune.cli import main
@@ -16,9 +16,6 @@ from sparsegrad.finetune.train import FinetuneConfig, finetune, linear_schedule,
 
 ROOT = Path(__file__).resolve().parents[1]
 
-WORDS = {0: "goal match team coach league striker".split(), 1: "bank market shares profit economy trade".split(),
-         2: "film actor music award album star".split()}
-FILL = "the a of and to in is it on for with".split()
 REQUIRED_KEYS = {
     "method", "task", "seed", "model", "eval_accuracy", "eval_macro_f1", "eval_loss", "majority_baseline_accuracy",
     "train_steps", "epochs", "k", "lora_rank", "density", "support", "train_scope", "lr", "batch_size", "max_length",
@@ -27,39 +24,10 @@ REQUIRED_KEYS = {
 }
 
 
-def make_tiny_model_dir(path, seed=0):
-    """A 2-layer BERT (hidden 32) with a 40-word WordPiece vocabulary, saved like a real checkpoint (no head)."""
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + FILL + [w for ws in WORDS.values() for w in ws]
-    tok = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
-    torch.manual_seed(seed)
-    BertModel(cfg).save_pretrained(str(path))
-    tok.save_pretrained(str(path))
-    return Path(path)
-
-
-def make_csv(path, n=60, seed=0):
-    """Three topics whose texts carry topic words: learnable, so accuracy can move."""
-    rng = random.Random(seed)
-    names = ["sport", "business", "arts"]
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["text", "label"])
-        for i in range(n):
-            y = i % 3
-            words = [rng.choice(WORDS[y]) for _ in range(3)] + [rng.choice(FILL) for _ in range(rng.randint(3, 12))]
-            rng.shuffle(words)
-            w.writerow([" ".join(words) + f" {i}", names[y]])
-    return Path(path)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    return make_tiny_model_dir(root / "model"), make_csv(root / "train.csv")
+    return tiny_model_dir(CLASSIFIER, root / "model"), make_csv(root / "train.csv")
 
 
 def _cfg(tiny, out, **kw):

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_bert
-from test_train import make_tiny_model_dir
+from helpers import CLASSIFIER, make_tiny_bert, tiny_model_dir
 from transformers import Trainer, TrainingArguments
 
 import sparsegrad as sg
@@ -125,7 +124,7 @@ def test_unconverted_model_saves_as_usual(tmp_path):
 
 
 def test_hf_trainer_example(tmp_path):
-    model_dir = make_tiny_model_dir(tmp_path / "model")
+    model_dir = tiny_model_dir(CLASSIFIER, tmp_path / "model")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "docs" / "examples" / "hf_trainer.py"), "--model", str(model_dir),
          "--max-train", "16", "--max-eval", "8", "--max-length", "32", "--output-dir", str(tmp_path / "ex")],

@@ -1,4 +1,4 @@
-"""Checkpoints and exact resume of the classifier loop, stop signals, and the test-only fault injection hooks.
+"""Checkpoints and exact resume of the training loop (every task kind and method), and stop signals.
 
 ``OUTPUT_DIR/checkpoints/step-N/`` holds everything the loop needs to continue as if it had never stopped:
 
@@ -25,7 +25,7 @@ import re
 import shutil
 import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +47,6 @@ VERSION = 1
 KEEP = 2
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
-# Test-only fault injection (read by the loop at each step; unset in normal use).
-TEST_NAN_ENV = "SPARSEGRAD_TEST_NAN_AT_STEP"
-"""``STEP`` or ``STEP:loss`` makes the loss of that step NaN; ``STEP:grad`` one gradient entry (rank
-``SPARSEGRAD_TEST_NAN_RANK``, default 0)."""
-TEST_SIGNAL_ENV = "SPARSEGRAD_TEST_SIGNAL_AT_STEP"
-"""``STEP:TERM`` or ``STEP:INT``: the process (rank 0) sends itself that signal once that step is done."""
 
 
 class CheckpointError(ValueError):
@@ -207,7 +201,6 @@ class Checkpoint:
     scheduler: dict[str, Any]
     rng_states: list[dict[str, Any]]
     bases: sg.SparseGradBases | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def step(self) -> int:
@@ -286,46 +279,3 @@ class StopSignals:
     @property
     def requested(self) -> bool:
         return self.signum is not None
-
-
-# ------------------------------------------------------------------------------------------------- test hooks
-@dataclass
-class FaultInjection:
-    """Test-only faults read from the environment (see `TEST_NAN_ENV`, `TEST_SIGNAL_ENV`)."""
-
-    nan_step: int | None = None
-    nan_kind: str = "loss"
-    nan_rank: int = 0
-    signal_step: int | None = None
-    signal_num: int | None = None
-
-    @classmethod
-    def from_env(cls) -> "FaultInjection":
-        out = cls()
-        spec = os.environ.get(TEST_NAN_ENV)
-        if spec:
-            step, _, kind = spec.partition(":")
-            out.nan_step, out.nan_kind = int(step), (kind or "loss")
-            out.nan_rank = int(os.environ.get("SPARSEGRAD_TEST_NAN_RANK", "0"))
-        spec = os.environ.get(TEST_SIGNAL_ENV)
-        if spec:
-            step, _, name = spec.partition(":")
-            out.signal_step = int(step)
-            out.signal_num = signal.SIGINT if name.upper() in ("INT", "SIGINT") else signal.SIGTERM
-        return out
-
-    def poison_loss(self, loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
-        if self.nan_step == step and self.nan_kind == "loss" and rank == self.nan_rank:
-            return loss * float("nan")
-        return loss
-
-    def poison_grad(self, model: nn.Module, step: int, rank: int) -> None:
-        if self.nan_step == step and self.nan_kind == "grad" and rank == self.nan_rank:
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.view(-1)[0] = float("nan")
-                    return
-
-    def maybe_signal(self, step: int, rank: int) -> None:
-        if self.signal_step == step and rank == 0:
-            os.kill(os.getpid(), self.signal_num)

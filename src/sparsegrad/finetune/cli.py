@@ -1,4 +1,5 @@
-"""sparsegrad: fine-tune the MLP blocks of a Transformer classifier with SparseGrad, LoRA, MeProp or full training.
+"""sparsegrad: fine-tune the MLP blocks of a Transformer (a classifier or a causal LM) with SparseGrad, LoRA, MeProp
+or full training.
 
 Everything runs offline on bundled data and models (MiniLM-L6 on BBC news or tweet sentiment), or on your own
 CSV/TSV/JSONL files and local model folders.
@@ -32,18 +33,40 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import sparsegrad as sg
+from sparsegrad.config import SUPPORT_MODES
+from sparsegrad.io import atomic_directory
+
+from . import compare
+from .distributed import env_world_size
+from .errors import TrainingDiverged, TrainingInterrupted, UsageError
+from .generate import run_generate
+from .lm import LM_TASKS, is_causal_lm
+from .loop import calibrate, finetune
+from .methods import METHODS, SCOPES, lr_help
+from .models import BUNDLED_MODELS, quiet_transformers
+from .outputs import load_finetuned
+from .settings import (
+    BASIS_SHARING_CHOICES,
+    DEVICE_CHOICES,
+    DTYPE_CHOICES,
+    NONFINITE_CHOICES,
+    FinetuneConfig,
+    resume_config,
+)
+from .tasks import TASK_NAMES, task_for
+
 PROG = "sparsegrad"
-METHOD_CHOICES = ("sparsegrad", "lora", "meprop", "full")
-TASK_CHOICES = ("bbc", "tweets", "bbc-instruct", "shakespeare")
-DECODER_TASKS = ("bbc-instruct", "shakespeare")
-SPARSEGRAD_ONLY_FLAGS = ("score_steps", "basis_sharing", "refresh_every")  # calibration flags: refused for, or not passed to, others
+METHOD_CHOICES = tuple(METHODS)
+TASK_CHOICES = tuple(TASK_NAMES)
+DECODER_TASKS = tuple(LM_TASKS)
+CALIBRATION_FLAGS = ("score_steps", "basis_sharing", "refresh_every")  # for methods that calibrate only
 DEFAULT_MAX_TRAIN = 512
 DEFAULT_MAX_EVAL = 400
 DEFAULT_MAX_EVAL_LM = 100
 
 
-class CLIError(Exception):
-    """A bad input found by the CLI itself: printed as `sparsegrad: error: ...`, exit status 2."""
+CLIError = UsageError  # the name before errors.py: a bad input, printed as `sparsegrad: error: ...`, exit status 2
 
 
 # ------------------------------------------------------------------------------------------------- arguments
@@ -68,6 +91,20 @@ _positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive num
 _non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 _non_negative_float = _number(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
 _ratio = _number(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+
+
+def _block_list(text: str) -> list[int]:
+    try:
+        blocks = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of block indices, got {text!r}") from None
+    if not blocks or any(b < 0 for b in blocks):
+        raise argparse.ArgumentTypeError(f"expected a comma list of block indices >= 0, got {text!r}")
+    return blocks
+
+
+def sg_targets_hint() -> str:
+    return sg.BERT_MLP_TARGETS.replace("%", "%%")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -112,7 +149,7 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="calibration batches re-run once the bases are known, to report the top-k energy share "
                         "(rotated vs original) and to choose a fixed support (default: 2 with --support fixed, 0 "
                         "with dynamic, where the score only reports; calibrate: 2)")
-    g.add_argument("--basis-sharing", choices=("kind", "layer"), default=None,
+    g.add_argument("--basis-sharing", choices=BASIS_SHARING_CHOICES, default=None,
                    help="SparseGrad: one basis pair per kind of MLP matrix shared by all blocks (kind, the paper; "
                         "default) or one pair per matrix (layer)")
     g.add_argument("--refresh-every", type=_positive_int, default=None,
@@ -123,15 +160,20 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--every-nth-block", type=_positive_int, default=None,
                    help="adapt the MLPs of blocks 0, n, 2n, ... only (default: every block; the paper's LLaMA "
                         "runs use 3)")
+    g.add_argument("--layers-to-transform", type=_block_list, default=None, metavar="LIST",
+                   help="adapt the blocks of this comma list only, e.g. 0,3,6 (instead of --every-nth-block)")
+    g.add_argument("--target-modules", default=None, metavar="REGEX",
+                   help="the module names to adapt, a regex that must match a whole name (default: the model's "
+                        "MLP matrices, e.g. " + sg_targets_hint() + "), for every method")
 
 
 def _add_train_args(p: argparse.ArgumentParser, *, compare: bool) -> None:
     g = p.add_argument_group("training")
     if not compare:
-        g.add_argument("--support", choices=("dynamic", "fixed"), default="dynamic",
+        g.add_argument("--support", choices=SUPPORT_MODES, default="dynamic",
                        help="sparse methods: re-choose the top-k entries every step (dynamic, the paper) or once "
                             "(fixed: exactly k entries ever change)")
-    g.add_argument("--train-scope", choices=("mlp", "all"), default="mlp",
+    g.add_argument("--train-scope", choices=SCOPES, default="mlp",
                    help="mlp: only the MLP method, the MLP biases and the head train (default); all: every other "
                         "parameter trains densely too (the paper's protocol)")
     g.add_argument("--epochs", type=_positive_int, default=1, help="passes over the training data (default 1)")
@@ -144,15 +186,17 @@ def _add_train_args(p: argparse.ArgumentParser, *, compare: bool) -> None:
                        help="learning rate for every method (e.g. 1e-3) or per method "
                             "(e.g. full=1e-4,sparsegrad=1e-3); methods not named use their default")
     else:
-        g.add_argument("--lr", type=_positive_float, default=None,
-                       help="learning rate (default per method, tuned for the default run; scope mlp: sparsegrad/meprop "
-                            "3e-3, lora 1e-2, full 1e-3; scope all: 1e-4, full 5e-5; causal LMs: sparsegrad/meprop/"
-                            "lora 1e-3, full 1e-4; scope all: 1e-4, full 2e-5)")
+        g.add_argument("--lr", type=_positive_float, default=None, help=lr_help())
     g.add_argument("--weight-decay", type=_non_negative_float, default=0.0, help="decoupled weight decay (default 0)")
     g.add_argument("--warmup-ratio", type=_ratio, default=0.0,
                    help="share of the steps with a linear LR warmup, then linear decay to 0 (default 0)")
-    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="causal LMs: weight dtype (SparseGrad bases and deltas stay fp32; default float32)")
+    g.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
+                   help="bfloat16: on a GPU bf16 autocast for the matmuls (weights, bases, deltas, optimizer state "
+                        "stay fp32), on the CPU bf16 weights (bases and deltas stay fp32); default float32")
+    if not compare:
+        g.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
+                       help="auto: the GPU when there is one (default); under torchrun each process takes its local "
+                            "GPU (NCCL) or the CPU (gloo)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -165,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     ft = sub.add_parser("finetune", help="one fine-tune (writes metrics.json, loss.csv, adapter/)",
-                        description="Fine-tune a sequence classifier with one method and evaluate it. With no flags: "
+                        description="Fine-tune a sequence classifier or a causal LM with one method and evaluate it. "
+                                    "With no flags: "
                                     "SparseGrad (1% of each MLP matrix per step) on MiniLM-L6, 512 BBC articles, "
                                     "1 epoch, evaluated on 400 held-out articles.")
     ft.add_argument("--method", choices=METHOD_CHOICES, default="sparsegrad",
@@ -190,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     rel.add_argument("--resume", default=None, metavar="OUTPUT_DIR",
                      help="continue the interrupted run in OUTPUT_DIR from its latest checkpoint, with its settings "
                           "(the loss sequence equals an uninterrupted run's)")
-    rel.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop",
+    rel.add_argument("--on-nonfinite", choices=NONFINITE_CHOICES, default="stop",
                      help="a NaN/inf loss or gradient: stop with an error (default) or skip the step with a warning; "
                           "no adapter with non-finite values is ever written")
     rel.add_argument("--stop-after", type=_positive_int, default=None, help=argparse.SUPPRESS)  # tests: interrupt
@@ -202,10 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "the top-k entries hold in the rotated vs the original basis.")
     _add_data_args(cal)
     _add_budget_args(cal)
-    cal.add_argument("--support", choices=("dynamic", "fixed"), default="dynamic",
+    cal.add_argument("--support", choices=SUPPORT_MODES, default="dynamic",
                      help="fixed also stores a support per matrix, chosen from the calibration gradients")
     cal.add_argument("--batch-size", type=_positive_int, default=16, help="examples per batch (default 16)")
     cal.add_argument("--output-dir", default=None, help="where bases.safetensors goes (default runs/calibrate-<task>-s<seed>)")
+    cal.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto: the GPU when there is one")
     cal.add_argument("--no-progress", action="store_true", help="no progress bars")
     cal.set_defaults(func=cmd_calibrate)
 
@@ -252,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-length", type=_positive_int, default=None,
                      help="prompt truncation of --task examples (default: the adapter's, else 256)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the task's split (default 0)")
-    gen.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+    gen.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto: the GPU when there is one")
+    gen.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                      help="weight dtype without --adapter (default float32)")
     gen.set_defaults(func=cmd_generate)
     return parser
@@ -261,19 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------------- helpers
 def _check_data_args(args: argparse.Namespace) -> None:
     if args.task is not None and args.train_file is not None:
-        raise CLIError("give --task or --train-file, not both")
+        raise UsageError("give --task or --train-file, not both")
     if args.eval_file is not None and args.train_file is None:
-        raise CLIError("--eval-file needs --train-file")
+        raise UsageError("--eval-file needs --train-file")
     for flag in ("train_file", "eval_file"):
         path = getattr(args, flag)
         if path is not None and not Path(path).is_file():
-            raise CLIError(f"--{flag.replace('_', '-')} {path}: no such file")
-    if args.model is not None and args.model not in ("minilm", "smollm2") and not Path(args.model).is_dir():
-        raise CLIError(f"--model {args.model}: neither a bundled model (minilm, smollm2) nor an existing model folder "
-                       "(hub names are not downloaded)")
+            raise UsageError(f"--{flag.replace('_', '-')} {path}: no such file")
+    _check_model_arg(args.model)
     if args.train_file is None and args.task is None:
-        from .lm import is_causal_lm
-
         args.task = "bbc-instruct" if is_causal_lm(args.model) else "bbc"
     bundled = args.train_file is None
     if args.max_train is None:
@@ -282,16 +325,30 @@ def _check_data_args(args: argparse.Namespace) -> None:
         args.max_eval = (DEFAULT_MAX_EVAL_LM if args.task in DECODER_TASKS else DEFAULT_MAX_EVAL) if bundled else 0
 
 
+def _check_model_arg(model: str | None) -> None:
+    if model is not None and model not in BUNDLED_MODELS and not Path(model).is_dir():
+        raise UsageError(f"--model {model}: neither a bundled model ({', '.join(BUNDLED_MODELS)}) nor an existing "
+                         "model folder (hub names are not downloaded)")
+
+
+def _check_method_args(args: argparse.Namespace, method: str) -> None:
+    """Flags that apply to some methods only."""
+    if getattr(args, "lora_rank", None) is not None and method != "lora":
+        raise UsageError("--lora-rank applies to --method lora only")
+    for flag in CALIBRATION_FLAGS:
+        if getattr(args, flag) is not None and not METHODS[method].calibrates:
+            raise UsageError(f"--{flag.replace('_', '-')} applies to --method sparsegrad only (the other methods do "
+                             "not calibrate)")
+
+
 def _check_budget_args(args: argparse.Namespace) -> None:
     if args.k is not None and args.density is not None:
-        raise CLIError("give --k or --density, not both")
+        raise UsageError("give --k or --density, not both")
     if args.k is None and args.density is None:
         args.density = 0.01
 
 
-def _finetune_config(args: argparse.Namespace, command: str | None = None):
-    from .train import FinetuneConfig
-
+def _finetune_config(args: argparse.Namespace, command: str | None = None) -> FinetuneConfig:
     return FinetuneConfig(
         method=args.method, task=args.task, train_file=args.train_file, eval_file=args.eval_file,
         text_column=args.text_column, label_column=args.label_column, model=args.model,
@@ -300,8 +357,9 @@ def _finetune_config(args: argparse.Namespace, command: str | None = None):
         lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, seed=args.seed,
         max_length=args.max_length, calibration_steps=args.calibration_steps, score_steps=args.score_steps,
         basis_sharing=args.basis_sharing or "kind", refresh_every=args.refresh_every, max_train=args.max_train or None, max_eval=args.max_eval or None, lora_rank=args.lora_rank,
-        every_nth_block=args.every_nth_block, prompt_column=args.prompt_column,
-        response_column=args.response_column, dtype=args.dtype,
+        every_nth_block=args.every_nth_block, layers_to_transform=args.layers_to_transform,
+        target_modules=args.target_modules, prompt_column=args.prompt_column,
+        response_column=args.response_column, dtype=args.dtype, device=args.device,
         output_dir=args.output_dir, progress=not args.no_progress, command=command,
         grad_accum=args.grad_accum, save_every=args.save_every, resume=args.resume,
         on_nonfinite=args.on_nonfinite, stop_after=args.stop_after,
@@ -335,8 +393,6 @@ def _resume_finetune_config(args: argparse.Namespace, command: str):
     refuses any that differ from the run's, except --save-every, --on-nonfinite, --no-progress)."""
     import dataclasses
 
-    from .train import resume_config
-
     saved = resume_config(args.resume)
     given = _finetune_config(args, command)
     explicit = _explicit_fields(command) - {"resume", "progress", "command"}
@@ -344,48 +400,18 @@ def _resume_finetune_config(args: argparse.Namespace, command: str):
                                progress=not args.no_progress, command=command, resume=args.resume)
 
 
-def _fmt_bytes(n: float | None) -> str:
-    from .metrics import human_bytes
-
-    return human_bytes(n)
-
-
 # ------------------------------------------------------------------------------------------------- commands
 def cmd_finetune(args: argparse.Namespace, command: str) -> int:
     _check_data_args(args)
     _check_budget_args(args)
-    if args.lora_rank is not None and args.method != "lora":
-        raise CLIError("--lora-rank applies to --method lora only")
-    for flag in SPARSEGRAD_ONLY_FLAGS:
-        if getattr(args, flag) is not None and args.method != "sparsegrad":
-            raise CLIError(f"--{flag.replace('_', '-')} applies to --method sparsegrad only (the other methods do "
-                           "not calibrate)")
-    from .distributed import env_world_size
-    from .train import finetune
-
+    _check_method_args(args, args.method)
     cfg = _resume_finetune_config(args, command) if args.resume is not None else _finetune_config(args, command)
     cfg.validate()
     m = finetune(cfg)
     if env_world_size() > 1 and os.environ.get("RANK", "0") != "0":
         return 0  # rank 0 prints the summary
-    out = m["output_dir"]
     print()
-    if m.get("model_kind") == "causal-lm":
-        from .lm import summary_lines
-
-        print("\n".join(summary_lines(m)))
-        return 0
-    print(f"{m['method']} on {m['task']} (seed {m['seed']}, {m['train_steps']} steps of "
-          f"{m.get('global_batch_size', m['batch_size'])}, "
-          f"lr {m['lr']:g}, scope {m['train_scope']}):")
-    print(f"  eval accuracy {m['eval_accuracy']:.4f}, macro-F1 {m['eval_macro_f1']:.4f}, loss {m['eval_loss']:.4f} "
-          f"on {m['num_eval']} held-out examples (majority class: {m['majority_baseline_accuracy']:.4f})")
-    calib = f", calibration {m['calibration_time_s']:.1f} s" if m["calibration_time_s"] else ""
-    print(f"  median step {m['step_time_median_s']:.3f} s, training {m['train_time_s']:.1f} s{calib}, "
-          f"peak RSS {m['peak_rss_mb']:.0f} MB, training state {_fmt_bytes(m['train_state_bytes'].get('total'))}")
-    print(f"  entries per step {m['trainable_entries']:,d}, MLP entries ever updated {m['entries_updated']:,d} "
-          f"of {m['mlp_entries']:,d}, adapter {_fmt_bytes(m['adapter_bytes'])}")
-    print(f"  files: {out}/metrics.json, {out}/loss.csv, {out}/adapter/")
+    print("\n".join(task_for(cfg).summary_lines(m)))
     return 0
 
 
@@ -393,15 +419,10 @@ def cmd_calibrate(args: argparse.Namespace, command: str) -> int:
     _check_data_args(args)
     _check_budget_args(args)
     if args.refresh_every is not None:
-        raise CLIError("--refresh-every applies to finetune and compare (calibrate writes the starting bases only)")
+        raise UsageError("--refresh-every applies to finetune and compare (calibrate writes the starting bases only)")
     if args.score_steps is None:
         args.score_steps = 2
     args.basis_sharing = args.basis_sharing or "kind"
-    if args.task in DECODER_TASKS:
-        raise CLIError("calibrate takes classifier tasks; a decoder `finetune --method sparsegrad` writes its bases "
-                       "report into metrics.json")
-    from .train import calibrate
-
     out_dir = Path(args.output_dir) if args.output_dir else Path("runs") / (
         f"calibrate-{args.task or Path(args.train_file).stem}-s{args.seed}")
     report, path, seconds = calibrate(
@@ -410,7 +431,9 @@ def cmd_calibrate(args: argparse.Namespace, command: str) -> int:
         max_length=args.max_length, batch_size=args.batch_size, seed=args.seed,
         density=args.density if args.k is None else None, k=args.k, support=args.support,
         basis_sharing=args.basis_sharing, calibration_steps=args.calibration_steps, score_steps=args.score_steps,
-        output_dir=out_dir, progress=not args.no_progress,
+        target_modules=args.target_modules, output_dir=out_dir, progress=not args.no_progress,
+        prompt_column=args.prompt_column,
+        response_column=args.response_column, device=args.device,
     )
     print(f"\nbases of {len(report)} kinds from {args.calibration_steps} steps in {seconds:.1f} s -> {path}")
     if args.score_steps == 0:
@@ -429,19 +452,12 @@ def cmd_merge(args: argparse.Namespace, command: str) -> int:
     adapter = Path(args.adapter)
     output = Path(args.output)
     if not adapter.is_dir():
-        raise CLIError(f"--adapter {adapter}: no such folder")
+        raise UsageError(f"--adapter {adapter}: no such folder")
     if output.resolve() == adapter.resolve():
-        raise CLIError("--output must differ from --adapter")
+        raise UsageError("--output must differ from --adapter")
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
-        raise CLIError(f"--output {output} exists and is not empty (pass --overwrite to replace it)")
-    if args.model is not None and args.model not in ("minilm", "smollm2") and not Path(args.model).is_dir():
-        raise CLIError(f"--model {args.model}: neither a bundled model (minilm, smollm2) nor an existing model folder "
-                       "(hub names are not downloaded)")
-    from sparsegrad.io import atomic_directory
-
-    from .models import quiet_transformers
-    from .train import load_finetuned
-
+        raise UsageError(f"--output {output} exists and is not empty (pass --overwrite to replace it)")
+    _check_model_arg(args.model)
     model, tokenizer, info = load_finetuned(adapter, args.model, merge=True)
     with atomic_directory(output) as tmp, quiet_transformers():
         model.save_pretrained(str(tmp))
@@ -459,15 +475,13 @@ def cmd_merge(args: argparse.Namespace, command: str) -> int:
 def cmd_compare(args: argparse.Namespace, command: str) -> int:
     _check_data_args(args)
     _check_budget_args(args)
-    from . import compare
-
     methods = compare.parse_methods(args.methods)
     seeds = compare.parse_seeds(args.seeds)
     lrs = compare.parse_lrs(args.lr, [compare.base_method(m) for m in methods])
     task = args.task or Path(args.train_file).stem
     out_dir = Path(args.output_dir) if args.output_dir else Path("runs") / f"compare-{task}"
     common = compare.common_finetune_args(args)
-    sparsegrad_only = [arg for flag in SPARSEGRAD_ONLY_FLAGS if getattr(args, flag) is not None
+    sparsegrad_only = [arg for flag in CALIBRATION_FLAGS if getattr(args, flag) is not None
                        for arg in ("--" + flag.replace("_", "-"), str(getattr(args, flag)))]
     return compare.run_compare(methods, seeds, common, out_dir, lrs=lrs, overwrite=args.overwrite, command=command,
                                sparsegrad_args=sparsegrad_only)
@@ -475,18 +489,16 @@ def cmd_compare(args: argparse.Namespace, command: str) -> int:
 
 def cmd_generate(args: argparse.Namespace, command: str) -> int:
     if args.adapter is not None and not Path(args.adapter).is_dir():
-        raise CLIError(f"--adapter {args.adapter}: no such folder")
+        raise UsageError(f"--adapter {args.adapter}: no such folder")
     if args.model is not None and args.model != "smollm2" and not Path(args.model).is_dir():
-        raise CLIError(f"--model {args.model}: neither the bundled causal LM (smollm2) nor an existing folder")
+        raise UsageError(f"--model {args.model}: neither the bundled causal LM (smollm2) nor an existing folder")
     if args.prompt is None and args.task is None and args.adapter is None:
-        raise CLIError("give --prompt or --task")
+        raise UsageError("give --prompt or --task")
     if args.adapter is not None and args.dtype is not None:
-        raise CLIError("--dtype comes from the adapter; leave it out with --adapter")
-    from .lm import run_generate
-
+        raise UsageError("--dtype comes from the adapter; leave it out with --adapter")
     run_generate(model=args.model, adapter=args.adapter, prompt=args.prompt, task=args.task,
                  num_examples=args.num_examples, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
-                 seed=args.seed, dtype=args.dtype)
+                 seed=args.seed, dtype=args.dtype, device=args.device)
     return 0
 
 
@@ -506,11 +518,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     command = " ".join(shlex.quote(a) for a in [PROG, *argv])
-    from .train import TrainingDiverged, TrainingInterrupted, UsageError
-
     try:
         return args.func(args, command)
-    except (CLIError, UsageError) as exc:
+    except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except TrainingDiverged as exc:

