@@ -3,11 +3,12 @@
     python benchmarks/op_count.py                      # full, meprop, sparsegrad (dynamic), sparsegrad-fixed
     python benchmarks/op_count.py --methods sparsegrad --batch-size 4 --length 64
 
-"One step" is ``opt.step()`` followed by every SparseGrad layer's ``sync_weight()`` (a fixed-support layer rebuilds
-its weight there, at the next forward; a dynamic one already did inside the step), traced by torch.profiler on the
+"One step" is ``opt.step()`` followed by the weight rebuild each SparseGrad layer's next forward makes
+(``_forward_sync``: a fixed-support layer rebuilds there; a dynamic one updated its weight inside the step), traced by torch.profiler on the
 CPU after ``--warmup`` steps (so the dynamic support has grown). Counted:
 
-* ``aten ops``: top-level ``aten::*`` events (an aten op called by another aten op is not counted again);
+* ``aten ops``: top-level ``aten::*`` events (an aten op called by another aten op is not counted again), and
+  ``kernel ops``: the same without views, metadata and dtype no-ops (`VIEW_OPS`), which launch no GPU kernel;
 * ``syncs``: events that make a device wait for the host to read a value: ``aten::_local_scalar_dense``
   (``.item()``, ``bool()``, ``int()`` of a tensor) and the ops whose output size depends on the data
   (``nonzero``, ``unique``, boolean-mask indexing), all counted at any depth;
@@ -32,8 +33,14 @@ from sparsegrad.finetune.methods import prepare_method
 from sparsegrad.finetune.models import load_classifier
 
 SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::_unique2", "aten::unique_dim",
-            "aten::unique_consecutive", "aten::masked_select", "aten::nonzero_static"}
+            "aten::unique_consecutive", "aten::masked_select", "aten::nonzero_static",
+            "sparsegrad::host_read"}  # SparseGradAdamW's one read of a small tensor (tolist: no aten event on CPU)
 DENSE_STEP = "dense_adamw"
+# ops that launch no kernel (views, metadata, dtype no-ops): counted apart as "view ops"
+VIEW_OPS = {"aten::slice", "aten::select", "aten::t", "aten::numpy_T", "aten::reshape", "aten::view",
+            "aten::as_strided", "aten::expand", "aten::squeeze", "aten::unsqueeze", "aten::permute",
+            "aten::transpose", "aten::alias", "aten::detach", "aten::resolve_conj", "aten::resolve_neg",
+            "aten::lift_fresh", "aten::sparse_compressed_tensor", "aten::split_with_sizes", "aten::split"}
 
 
 def _mark_dense_adamw() -> None:
@@ -52,9 +59,9 @@ def _mark_dense_adamw() -> None:
 
 def _count(events) -> dict[str, int]:
     """Top-level aten ops and syncs (any depth) among ``events``, split into dense AdamW and the rest."""
-    counts = {"aten_ops": 0, "syncs": 0, "dense_aten_ops": 0, "dense_syncs": 0}
+    counts = {"aten_ops": 0, "syncs": 0, "dense_aten_ops": 0, "dense_syncs": 0, "view_ops": 0, "dense_view_ops": 0}
     for ev in events:
-        if not ev.name.startswith("aten::"):
+        if not ev.name.startswith("aten::") and ev.name not in SYNC_OPS:
             continue
         ancestors, parent = [], ev.cpu_parent
         while parent is not None:
@@ -63,8 +70,11 @@ def _count(events) -> dict[str, int]:
         top = not any(a.startswith("aten::") for a in ancestors)
         dense = DENSE_STEP in ancestors
         prefix = "dense_" if dense else ""
-        if top:
+        if top and ev.name.startswith("aten::"):
             counts[prefix + "aten_ops"] += 1
+            noop_to = ev.name == "aten::to" and not ev.cpu_children
+            if ev.name in VIEW_OPS or noop_to:
+                counts[prefix + "view_ops"] += 1
         if ev.name in SYNC_OPS:
             counts[prefix + "syncs"] += 1
     return counts
@@ -84,7 +94,7 @@ def count_step(method: str, batch_size: int, length: int, warmup: int) -> dict:
     support = "fixed" if method == "sparsegrad-fixed" else "dynamic"
     prepared = prepare_method(model, base, density=0.01, support=support, train_scope="mlp",
                               calibration_batches=[batch() for _ in range(2)], calibration_steps=2)
-    model = prepared.model
+    model = prepared.model.train()  # as training runs (eval-mode forwards rebuild SparseGrad weights exactly)
     opt = sg.create_optimizer(model, lr=1e-4)
     layers = list(sg.sparsegrad_layers(model).values())
     _mark_dense_adamw()
@@ -94,20 +104,23 @@ def count_step(method: str, batch_size: int, length: int, warmup: int) -> dict:
         if _ < warmup:
             opt.step()
             for layer in layers:
-                layer.sync_weight()
+                layer._forward_sync()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         with torch.profiler.record_function("one_step"):
             opt.step()
             for layer in layers:
-                layer.sync_weight()
+                layer._forward_sync()
     counts = _count(prof.events())
     n = max(1, len(layers))
     return {"method": method, "batch": f"{batch_size}x{length}", "sparsegrad_matrices": len(layers),
             "step_aten_ops": counts["aten_ops"] + counts["dense_aten_ops"],
             "step_syncs": counts["syncs"] + counts["dense_syncs"],
             "sparse_aten_ops_per_matrix": round(counts["aten_ops"] / n, 1) if layers else None,
+            "sparse_kernel_ops_per_matrix": round((counts["aten_ops"] - counts["view_ops"]) / n, 1) if layers else None,
             "sparse_syncs": counts["syncs"],
-            "dense_adamw_aten_ops": counts["dense_aten_ops"], "dense_adamw_syncs": counts["dense_syncs"],
+            "dense_adamw_aten_ops": counts["dense_aten_ops"],
+            "dense_adamw_kernel_ops": counts["dense_aten_ops"] - counts["dense_view_ops"],
+            "dense_adamw_syncs": counts["dense_syncs"],
             "torch": torch.__version__}
 
 
