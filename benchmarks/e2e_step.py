@@ -11,7 +11,7 @@ that peak memory is honest): median step time, steps/s, peak memory, exact train
 each method on the same batch, in train mode); prints each method's median of the per-round ratios to full, the
 median step and the load average (no memory: run one method per process for that).
 
-Peak memory: `torch.cuda.max_memory_allocated` on CUDA, peak RSS (ru_maxrss) on CPU. Tokens are random ids (time
+Models run in train mode (dropout on, as in training). Peak memory: `torch.cuda.max_memory_allocated` on CUDA, peak RSS (ru_maxrss) on CPU. Tokens are random ids (time
 and memory do not depend on the text), every row full length (no padding). Scope `mlp` unless --train-scope all.
 """
 
@@ -150,7 +150,7 @@ def main() -> None:
         return
 
     prepared = prepare(model, args.method, args, batch)
-    model = prepared.model
+    model = prepared.model.train()  # as training runs (dropout on; SparseGrad's eval-mode forwards rebuild exactly)
     opt = sg.create_optimizer(model, lr=1e-4)
     if device.type == "cuda":
         torch.cuda.synchronize()
