@@ -5,8 +5,13 @@ that peak memory is honest): median step time, steps/s, peak memory, exact train
     python benchmarks/e2e_step.py --method lora --model bert-base --device cuda      # random-init BERT-base
     python benchmarks/e2e_step.py --table runs.jsonl     # markdown table of such JSON lines, ratios per scope
     for m in full lora meprop sparsegrad sparsegrad-fixed; do python benchmarks/e2e_step.py --method $m; done
+    python benchmarks/e2e_step.py --interleave full,lora,meprop,sparsegrad,sparsegrad-fixed --steps 7   # time ratios
 
-Peak memory: `torch.cuda.max_memory_allocated` on CUDA, peak RSS (ru_maxrss) on CPU. Tokens are random ids (time
+``--interleave``: every method's model in this one process, timed round by round (each round runs one step of
+each method on the same batch, in train mode); prints each method's median of the per-round ratios to full, the
+median step and the load average (no memory: run one method per process for that).
+
+Models run in train mode (dropout on, as in training). Peak memory: `torch.cuda.max_memory_allocated` on CUDA, peak RSS (ru_maxrss) on CPU. Tokens are random ids (time
 and memory do not depend on the text), every row full length (no padding). Scope `mlp` unless --train-scope all.
 """
 
@@ -64,6 +69,50 @@ def table(path: str) -> None:
               f"{ratio('peak_memory_mb', lora)} | {r['train_state_bytes'] / 2**20:.1f} |")
 
 
+def timed_step(model, opt, b, device, before_step=None):
+    """(seconds of one forward + backward + optimizer step + zero_grad, what ``before_step`` returned) (called between backward and step, inside the timing, as this script always did)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model(**b).loss.backward()
+    extra = before_step() if before_step is not None else None
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, extra
+
+
+def prepare(model, name: str, args, batch):
+    method = "sparsegrad" if name == "sparsegrad-fixed" else name
+    support = "fixed" if name == "sparsegrad-fixed" else "dynamic"
+    return prepare_method(model, method, density=args.density, support=support, train_scope=args.train_scope,
+                          calibration_batches=[batch() for _ in range(2)], calibration_steps=2)
+
+
+def interleaved(args, batch, device) -> None:
+    import os
+
+    names = args.interleave.split(",")
+    runs = {}
+    for name in names:
+        model = prepare(build_model(args.model, 2).to(device), name, args, batch).model.train()
+        runs[name] = (model, sg.create_optimizer(model, lr=1e-4), [])
+    for rnd in range(args.warmup + args.steps):
+        b = batch()
+        for model, opt, times in runs.values():
+            elapsed, _ = timed_step(model, opt, b, device)
+            if rnd >= args.warmup:
+                times.append(elapsed)
+    ref = runs[names[0]][2]
+    for name, (_, _, times) in runs.items():
+        ratios = [t / r for t, r in zip(times, ref)]
+        print(json.dumps({"method": name, "vs": names[0], "median_ratio": round(statistics.median(ratios), 3),
+                          "ratios": [round(r, 2) for r in ratios], "median_step_s": round(statistics.median(times), 3),
+                          "batch": f"{args.batch_size}x{args.length}", "scope": args.train_scope,
+                          "loadavg": os.getloadavg()}))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="sparsegrad",
@@ -79,6 +128,7 @@ def main() -> None:
     p.add_argument("--tf32", action="store_true", help="let CUDA matmuls use TF32 (every method's, bases too)")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators of 3 steps")
     p.add_argument("--table", metavar="JSONL", help="print the markdown table of earlier runs' JSON lines, and stop")
+    p.add_argument("--interleave", metavar="METHODS", help="comma-separated methods timed in interleaved rounds")
     args = p.parse_args()
     if args.table:
         table(args.table)
@@ -95,30 +145,24 @@ def main() -> None:
         return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
                 "labels": torch.randint(0, 2, (args.batch_size,), generator=g).to(device)}
 
-    method = "sparsegrad" if args.method == "sparsegrad-fixed" else args.method
-    support = "fixed" if args.method == "sparsegrad-fixed" else "dynamic"
-    prepared = prepare_method(model, method, density=args.density, support=support, train_scope=args.train_scope,
-                              calibration_batches=[batch() for _ in range(2)], calibration_steps=2)
-    model = prepared.model
+    if args.interleave:
+        interleaved(args, batch, device)
+        return
+
+    prepared = prepare(model, args.method, args, batch)
+    model = prepared.model.train()  # as training runs (dropout on; SparseGrad's eval-mode forwards rebuild exactly)
     opt = sg.create_optimizer(model, lr=1e-4)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times, state = [], None
     for step in range(args.warmup + args.steps):
-        b = batch()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        model(**b).loss.backward()
-        if step == args.warmup + args.steps - 1:
-            state = sg.training_state_bytes(model, opt)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        last = step == args.warmup + args.steps - 1
+        elapsed, measured = timed_step(model, opt, batch(), device,
+                                       before_step=(lambda: sg.training_state_bytes(model, opt)) if last else None)
+        state = measured if last else state
         if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
+            times.append(elapsed)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 

@@ -5,7 +5,15 @@ The layer keeps three things per matrix:
 * ``base_weight`` W0: the pretrained weight, frozen, in the original basis;
 * the delta in the rotated basis, sparse: flat ``delta_indices`` into an out x in matrix and ``delta_values``;
 * ``weight`` = W0 + U_out · scatter(delta) · U_inᵀ, the effective weight the forward uses. It is rebuilt from W0
-  and the delta (not incremented), so a model loaded from an adapter has bit-identical weights.
+  and the delta, so a model loaded from an adapter has bit-identical weights. Between rebuilds, `SparseGradAdamW`
+  adds each step's change of its k entries to an fp32 weight (`add_rotated_`: O(k) plus one thin product instead
+  of a rebuild); such a weight is rebuilt exactly every few steps, at every ``sync_weight``/``state_dict``/fold,
+  and at every forward in eval mode, so inference and adapters see exactly W0 + delta.
+
+During training the optimizer appends new support entries at the end of ``delta_indices`` / ``delta_values``
+(unsorted, O(k) per step). Any read of those attributes from outside sorts them first (indices increasing, as
+adapters and checkpoints store them) and records the permutation (``_sort_record``) so that the optimizer can carry
+its aligned moments along.
 
 Rotated gradient (what the top-k is taken of): ``u_out.T @ G @ u_in`` with G = ∂L/∂W, the ordinary weight gradient.
 
@@ -29,6 +37,8 @@ delta: an adapter replays the same additions, so its weights stay bit-identical.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,16 +49,26 @@ def index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
 
 
-def topk_indices(scores: Tensor, k: int) -> Tensor:
-    """Sorted flat indices of exactly ``k`` entries of largest magnitude; ties go to the lower index."""
+def topk_candidates(scores: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Flat indices of ``k`` entries of largest magnitude (unsorted) without a host sync, with two 0-dim tensors:
+    ``tie`` (true when a tie straddles the cut, so the set is not unique: call `topk_indices` instead) and ``top``
+    (the largest magnitude; NaN or inf exactly when ``scores`` holds a non-finite entry, since topk ranks NaN and
+    inf above every finite value)."""
     flat = scores.reshape(-1).abs()
     n = flat.numel()
     if k >= n:
-        return torch.arange(n, device=flat.device)
-    values, indices = torch.topk(flat, k, sorted=False)
-    kth = values.min()
-    if int((flat == kth).sum()) == int((values == kth).sum()):  # no tie straddles the cut: the set is unique
+        return torch.arange(n, device=flat.device), torch.zeros((), dtype=torch.bool, device=flat.device), flat.max()
+    values, indices = torch.topk(flat, k + 1)  # descending: the cut is between values[k - 1] and values[k]
+    return indices[:k], values[k - 1] == values[k], values[0]
+
+
+def topk_indices(scores: Tensor, k: int) -> Tensor:
+    """Sorted flat indices of exactly ``k`` entries of largest magnitude; ties go to the lower index."""
+    indices, tie, _ = topk_candidates(scores, k)
+    if not bool(tie):  # the k-th largest beats the (k+1)-th: no tie straddles the cut, the set is unique
         return indices.sort().values
+    flat = scores.reshape(-1).abs()
+    kth = flat[indices].min()
     above = torch.nonzero(flat > kth).squeeze(1)
     ties = torch.nonzero(flat == kth).squeeze(1)[: k - above.numel()]
     return torch.cat([above, ties]).sort().values
@@ -96,11 +116,59 @@ def _kept_columns(basis: Tensor, cols: Tensor) -> Tensor | None:
     return None
 
 
+# A multiply-add of torch's CSR @ dense product costs about this many of a dense GEMM's on the CPU (measured at
+# MiniLM width: 1536x384, 1 % density, 2 threads); it decides when the sparse-first association pays.
+SPARSE_MAC_COST = 16
+
+
+def _sparse_first_cost(nnz: int, shape: tuple[int, int]) -> int:
+    """Dense-GEMM-equivalent multiply-adds of U_out · D · U_inᵀ with the sparse D multiplied first."""
+    o, i = shape
+    return SPARSE_MAC_COST * nnz * max(o, i) + o * i * min(o, i)
+
+
+_ROW_EDGES: dict[tuple, Tensor] = {}
+
+
+def _row_edges(n: int, like: Tensor) -> Tensor:
+    """arange(n + 1) in ``like``'s dtype and device, made once."""
+    key = (n, like.dtype, like.device)
+    if key not in _ROW_EDGES:
+        _ROW_EDGES[key] = torch.arange(n + 1, device=like.device, dtype=like.dtype)
+    return _ROW_EDGES[key]
+
+
+def _csr(indices: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    """The o x i CSR matrix with ``values`` at the increasing flat ``indices`` (no host sync)."""
+    o, i = shape
+    rows, cols = indices // i, indices % i
+    crow = torch.searchsorted(rows, _row_edges(o, rows), out_int32=rows.dtype == torch.int32)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is long stable
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, cols, values.float(), shape)
+
+
+def _sparse_first(indices: Tensor, values: Tensor, u_out: Tensor, u_in: Tensor, shape: tuple[int, int],
+                  out: Tensor | None = None) -> Tensor:
+    """U_out · D · U_inᵀ (added to ``out`` in place when given) with the sparse D (flat ``indices`` increasing)
+    multiplied first by the basis of the larger side: nnz·max(o, i) sparse plus o·i·min(o, i) dense multiply-adds."""
+    d = _csr(indices, values, shape)
+    if shape[0] > shape[1]:
+        left, right = (d.t() @ u_out.T).T, u_in.T
+    else:
+        left, right = u_out, d @ u_in.T
+    return left @ right if out is None else out.addmm_(left, right)
+
+
 def rotated_to_weight(
     indices: Tensor, values: Tensor, u_out: Tensor | None, u_in: Tensor | None, shape: tuple[int, int]
 ) -> Tensor:
-    """U_out · scatter(indices, values) · U_inᵀ in fp32, touching only the rows and columns in the support."""
+    """U_out · scatter(indices, values) · U_inᵀ in fp32 (``indices`` increasing, as a layer stores them when read),
+    by the cheapest of: the sparse-first product, the rows and columns the support touches, two dense products."""
     out_features, in_features = shape
+    if u_out is not None and 0 < indices.numel() and (
+            _sparse_first_cost(indices.numel(), shape) < out_features * in_features * (out_features + in_features)):
+        return _sparse_first(indices, values, u_out, u_in, shape)
     dense = torch.zeros(out_features * in_features, dtype=torch.float32, device=values.device)
     if indices.numel() == 0:
         return dense.view(shape)
@@ -151,6 +219,9 @@ class _FixedSupportLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_values = layer._support_gradient(x.reshape(-1, x.shape[-1]), gy)
         return grad_x, grad_values, grad_bias, None, None
+
+
+_DELTA_NAMES = ("delta_indices", "delta_values")
 
 
 class SparseGradLinear(nn.Module):
@@ -206,12 +277,89 @@ class SparseGradLinear(nn.Module):
         else:
             self.register_buffer("delta_values", values)
         self.folded: list[dict[str, Tensor | None]] = []  # refreshed-away segments, oldest first (see `fold`)
+        self._delta_unsorted = False  # the optimizer appended entries since the last sort
+        self._weight_inexact = False  # ``weight`` was updated incrementally since the last exact rebuild
+        self._sort_record: tuple | None = None  # (key before, permutation, key after) of the last sort
+        self._journal: dict | None = None  # the delta at the last exact rebuild and the increments added since
         self._merged_key: tuple | None = None
         self._blocks_key: tuple | None = None
         self._blocks: tuple[Tensor, ...] | None = None
         self._merged_key = self._delta_key()  # weight == base_weight holds for an empty delta
+        if support == "dynamic":
+            self._journal = {"indices": indices, "values": values, "steps": []}
+        self.train(linear.training)  # a drop-in replacement keeps the mode of the module it replaces
 
     # ----------------------------------------------------------------------------------------------- helpers
+    def __getattr__(self, name: str):
+        # Whoever reads the delta from outside (adapters, checkpoints, tests) sees it sorted; the hot paths below
+        # use `_stored_delta`, which does not sort.
+        if name in _DELTA_NAMES and self.__dict__.get("_delta_unsorted", False):
+            self._sort_delta()
+        return super().__getattr__(name)
+
+    def _stored_delta(self) -> tuple[Tensor, Tensor]:
+        """(indices, values) as stored, in the optimizer's append order while training."""
+        values = self._parameters.get("delta_values")
+        return self._buffers["delta_indices"], (self._buffers["delta_values"] if values is None else values)
+
+    def _sort_delta(self) -> None:
+        """Sort the stored delta by index; record the permutation for the optimizer's aligned state."""
+        indices, values = self._stored_delta()
+        before = self._delta_key()
+        order = torch.argsort(indices)
+        self._buffers["delta_indices"], self._buffers["delta_values"] = indices[order], values[order]
+        self._delta_unsorted = False
+        after = self._delta_key()
+        self._sort_record = (before, order, after)
+        if self._merged_key == before:  # the same delta in another order: the weight still matches it
+            self._merged_key = after
+
+    def set_delta_storage(self, indices: Tensor, values: Tensor, *, appended: bool) -> None:
+        """The optimizer's hand-over of the (dynamic) delta it keeps: ``appended`` when entries were added at the
+        end, out of index order."""
+        self._buffers["delta_indices"], self._buffers["delta_values"] = indices, values
+        self._delta_unsorted = self._delta_unsorted or appended
+
+    @torch.no_grad()
+    def apply_increment(self, indices: Tensor, change: Tensor) -> None:
+        """Add U_out · scatter(indices, change) · U_inᵀ to the fp32 weight in place (``change``: what a step did to
+        the delta at ``indices``, increasing), and take the stored delta as merged. The weight then equals
+        W0 + delta up to fp32 rounding, until the next exact rebuild."""
+        weight = self.weight.data
+        if self.identity_basis:
+            weight.view(-1).index_add_(0, indices, change)
+        else:
+            _sparse_first(indices, change, self.u_out, self.u_in, (self.out_features, self.in_features), out=weight)
+        self._merged_key = self._delta_key()
+        self._weight_inexact = True
+        if self._journal is not None:
+            self._journal["steps"].append((indices, change))
+
+    def increment_journal(self) -> dict[str, Tensor] | None:
+        """What reproduces the incrementally updated weight bit for bit (`replay_increments`): the delta at the last
+        exact rebuild and the increments since, or None when the weight is exact."""
+        if not self._weight_inexact or self._journal is None:
+            return None
+        steps = self._journal["steps"]
+        return {"rebuilt_indices": self._journal["indices"], "rebuilt_values": self._journal["values"],
+                "increment_indices": torch.cat([i for i, _ in steps]),
+                "increment_values": torch.cat([c for _, c in steps]),
+                "increment_counts": torch.tensor([i.numel() for i, _ in steps])}
+
+    @torch.no_grad()
+    def replay_increments(self, journal: dict[str, Tensor]) -> None:
+        """Rebuild the weight from the journal's delta, then add its increments in order: the weight of the run
+        that wrote it (call after the layer's delta is loaded)."""
+        device = self.weight.device
+        indices = journal["rebuilt_indices"].to(device, self.index_dtype)
+        values = journal["rebuilt_values"].to(device, torch.float32)
+        self.weight.copy_(self._plus_delta(self.base_weight, indices, values, *self._rotation()))
+        self._journal = {"indices": indices, "values": values, "steps": []}
+        counts = journal["increment_counts"].tolist()
+        for idx, change in zip(journal["increment_indices"].to(device, self.index_dtype).split(counts),
+                               journal["increment_values"].to(device, torch.float32).split(counts)):
+            self.apply_increment(idx, change)
+
     def _empty_delta(self, device: torch.device, fixed_indices: Tensor | None) -> tuple[Tensor, Tensor]:
         """(indices, values) of a delta that has not trained: a fixed support gets k zero values at
         ``fixed_indices`` (or no indices: pending, chosen at the first step); a dynamic one starts empty."""
@@ -246,7 +394,12 @@ class SparseGradLinear(nn.Module):
         return self.u_out.T @ grad @ self.u_in
 
     def _delta_key(self) -> tuple:
-        v, i = self.delta_values, self.delta_indices
+        """Identity of the stored delta, to tell when the weight must be rebuilt. A dynamic delta is written in
+        place only by `SparseGradAdamW`, which keeps the key itself, or by DDP's initial broadcast of identical
+        values: its key has no version counters, but an epoch that every load_state_dict advances."""
+        i, v = self._stored_delta()
+        if self.support == "dynamic":
+            return (v.data_ptr(), v.numel(), i.data_ptr(), i.numel(), self.__dict__.get("_delta_epoch", 0))
         return (v.data_ptr(), v._version, v.numel(), i.data_ptr(), i._version, i.numel())
 
     def _rotation(self) -> tuple[Tensor | None, Tensor | None]:
@@ -268,15 +421,22 @@ class SparseGradLinear(nn.Module):
         delta = rotated_to_weight(indices, values, u_out, u_in, (self.out_features, self.in_features))
         return (base.float() + delta).to(self.weight.dtype)
 
-    @torch.no_grad()
     def sync_weight(self, force: bool = False) -> None:
-        """Rebuild ``weight`` = W0 + delta when the delta changed since the last rebuild."""
-        key = self._delta_key()
-        if not force and key == self._merged_key:
-            return
-        self.weight.copy_(self._plus_delta(self.base_weight, self.delta_indices, self.delta_values.detach(),
-                                           *self._rotation()))
+        """Rebuild ``weight`` = W0 + delta exactly when the delta changed since the last rebuild or the weight was
+        updated incrementally since."""
+        if force or self._weight_inexact or self._delta_key() != self._merged_key:
+            self._rebuild()
+
+    @torch.no_grad()
+    def _rebuild(self) -> None:
+        if self._delta_unsorted:
+            self._sort_delta()
+        indices, values = self._stored_delta()
+        self.weight.copy_(self._plus_delta(self.base_weight, indices, values.detach(), *self._rotation()))
         self._merged_key = self._delta_key()
+        self._weight_inexact = False
+        if self.support == "dynamic":  # increments may follow: keep what they start from
+            self._journal = {"indices": indices.clone(), "values": values.detach().clone(), "steps": []}
 
     @torch.no_grad()
     def fold(self, u_out: Tensor, u_in: Tensor, *, fixed_indices: Tensor | None = None,
@@ -327,7 +487,7 @@ class SparseGradLinear(nn.Module):
         """Distinct entries of the rotated matrix whose delta is non-zero, summed over the folded segments (each
         counted in its own basis) after basis refreshes."""
         folded = sum(int(torch.count_nonzero(seg["values"])) for seg in self.folded)
-        return folded + int(torch.count_nonzero(self.delta_values.detach()))
+        return folded + int(torch.count_nonzero(self._stored_delta()[1].detach()))
 
     def _support_block_cache(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
         """(rows, cols, local flat index, u_out[:, rows], u_in[:, cols]) of the fixed support, kept until the
@@ -371,8 +531,15 @@ class SparseGradLinear(nn.Module):
         return block.reshape(-1)[local]
 
     # ----------------------------------------------------------------------------------------------- forward
+    def _forward_sync(self) -> None:
+        """The rebuild a forward needs: when the delta changed since the last one, or, in eval mode (inference,
+        evaluation: what an adapter reload reproduces), when the weight was updated incrementally since. Training
+        forwards use the incrementally updated weight."""
+        if self._delta_key() != self._merged_key or (self._weight_inexact and not self.training):
+            self._rebuild()
+
     def forward(self, x: Tensor) -> Tensor:
-        self.sync_weight()
+        self._forward_sync()
         if self.support == "fixed" and torch.is_grad_enabled() and self.delta_values.requires_grad:
             return _FixedSupportLinear.apply(x, self.delta_values, self.bias, self.weight, self)
         return F.linear(x, self.weight, self.bias)
@@ -390,6 +557,24 @@ class SparseGradLinear(nn.Module):
                     self._buffers[name] = fresh
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         self._merged_key = None
+        self._delta_epoch = self.__dict__.get("_delta_epoch", 0) + 1
+        self._delta_unsorted = self._weight_inexact = False
+        self._sort_record = self._journal = None
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state["_merged_in_copy"] = self._delta_key() == self._merged_key  # the copy's tensors get new keys
+        return state
+
+    def __setstate__(self, state):
+        merged = state.pop("_merged_in_copy", False)
+        super().__setstate__(state)
+        if merged:
+            self._merged_key = self._delta_key()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.sync_weight()  # sorted delta and the exact weight: what loading this state dict reproduces
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear with the trained weight (the bias Parameter is shared, not copied)."""
