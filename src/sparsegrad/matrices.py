@@ -74,7 +74,7 @@ def as_linear(module: nn.Module) -> nn.Linear:
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     linear.weight = nn.Parameter(weight.detach(), requires_grad=module.weight.requires_grad)
     linear.bias = module.bias
-    return linear
+    return linear.train(module.training)  # the layer built from it keeps the replaced module's mode
 
 
 class SparseGradBiasAfterLinear(SparseGradLinear):
