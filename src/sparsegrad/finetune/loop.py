@@ -92,7 +92,8 @@ def train(cfg: FinetuneConfig, ctx: DistContext) -> dict[str, Any]:
     """The loop (see the module docstring), in its run folder: checked, locked and cleaned before any model loads."""
     log = print if cfg.verbose and ctx.is_main else (lambda *a, **k: None)
     inputs = {"--model": cfg.model, "--train-file": cfg.train_file, "--eval-file": cfg.eval_file}
-    with run_folder(cfg.resolved_output_dir(), ctx, fresh=cfg.resume is None, overwrite=cfg.overwrite,
+    raw_out = cfg.output_dir if cfg.output_dir is not None else cfg.resolved_output_dir()  # '' stays '' (refused)
+    with run_folder(raw_out, ctx, fresh=cfg.resume is None, overwrite=cfg.overwrite,
                     inputs=inputs, need_bytes=estimate_run_bytes(cfg.model, cfg.method, cfg.save_every),
                     log=log) as out_dir:
         return train_in(cfg, ctx, out_dir)
