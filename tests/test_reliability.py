@@ -119,11 +119,14 @@ def test_resume_every_method(tiny, tmp_path, method, support):
     assert max_param_diff(tmp_path / "whole", tmp_path / "cut") == 0.0
 
 
-def test_fresh_run_clears_old_checkpoints(tiny, tmp_path):
+def test_fresh_run_refuses_old_checkpoints_unless_overwrite(tiny, tmp_path):
     with pytest.raises(TrainingInterrupted):
         finetune(cfg(tiny, tmp_path / "r", max_steps=3, stop_after=2))
     assert list_checkpoints(tmp_path / "r")
-    finetune(cfg(tiny, tmp_path / "r", max_steps=1))  # a fresh run in the same folder never resumes stale state
+    with pytest.raises(UsageError, match="--resume"):  # a fresh run never resumes stale state, nor deletes it silently
+        finetune(cfg(tiny, tmp_path / "r", max_steps=1))
+    assert list_checkpoints(tmp_path / "r")
+    finetune(cfg(tiny, tmp_path / "r", max_steps=1, overwrite=True))
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
