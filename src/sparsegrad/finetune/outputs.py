@@ -155,27 +155,36 @@ def read_task(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     path = adapter_dir / TASK_FILE
     if not path.is_file():
         raise UsageError(f"{path} is missing: not an adapter written by `sparsegrad finetune`")
-    try:
-        _verify_adapter_files(adapter_dir)
+    try:  # its checksum is checked when the adapter loads, after the adapter's own, more specific checks
         info = sio.read_json_object(path, "a sparsegrad task file", TASK_FORMAT)
     except (ValueError, FileNotFoundError) as exc:
         raise UsageError(f"adapter {adapter_dir}: {exc}") from None
-    for key, kind in (("method", str), ("model", str), ("task", str)):
-        if not isinstance(info.get(key), kind):
+    for key in ("method", "model", "task"):
+        if not isinstance(info.get(key), str):
             raise UsageError(f"{path}: {key!r} must be a string, got {info.get(key)!r} (the file was edited)")
     return info
 
 
-def _verify_adapter_files(adapter_dir: Path) -> None:
-    """The checksums an adapter carries: the folder marker's (every file, when present) and, for a SparseGrad
-    adapter, its config's record of ``task.json``. Adapters of older versions have neither and are read as is."""
-    marker = sio.read_marker(adapter_dir)
-    if marker is not None and isinstance(marker.get("sha256"), dict):
+def _verify_marked_files(adapter_dir: Path) -> None:
+    """After the method loaded the adapter (whose own checks give the most specific messages): every file the folder
+    marker has a checksum for, ``task.json`` included, is unchanged: LoRA's and full's only fingerprint. A SparseGrad
+    adapter has its own (its config records ``task.json``; `sg.load_adapter` checks it)."""
+    if _has_checksums(adapter_dir) and not (TASK_FILE in (_json_or_empty(adapter_dir / CONFIG_NAME)
+                                                           .get("extra_files") or {})):
         sio.verify_ours(adapter_dir)
-    cfg = adapter_dir / CONFIG_NAME
-    if cfg.is_file() and TASK_FILE in (sio.read_json_object(cfg, "a sparsegrad adapter config").get("extra_files")
-                                      or {}):
-        read_adapter_file(adapter_dir, TASK_FILE)
+
+
+def _has_checksums(folder: Path) -> bool:
+    marker = sio.read_marker(folder)
+    return marker is not None and isinstance(marker.get("sha256"), dict)
+
+
+def _json_or_empty(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def load_finetuned(adapter_dir: str | os.PathLike, model: str | None = None, *,
@@ -194,6 +203,7 @@ def load_finetuned(adapter_dir: str | os.PathLike, model: str | None = None, *,
     base, tokenizer = load_base_model(model, info)
     try:
         result = method.load(base, adapter_dir, merge=merge)
+        _verify_marked_files(adapter_dir)
         check_finite_weights(result, f"adapter {adapter_dir}")  # PEFT's safe_merge check, for every method
     except (ValueError, FileNotFoundError) as exc:
         if isinstance(exc, UsageError):
