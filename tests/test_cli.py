@@ -80,7 +80,7 @@ def test_bad_file_contents_exit_2(capsys, tmp_path, tiny):
     blocker.write_text("x")
     code, err = _err(capsys, ["finetune", "--train-file", str(tiny[1]), "--model", str(tiny[0]),
                               "--output-dir", str(blocker / "run")])
-    assert code == 2 and "cannot create output folder" in err
+    assert code == 2 and "is a file, not a folder" in err  # the pre-flight, before any model loads
 
 
 def test_help_and_no_command(capsys):

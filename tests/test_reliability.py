@@ -98,12 +98,13 @@ def test_resume_equals_uninterrupted_run_exactly(tiny, tmp_path):
     assert resumed["eval_loss"] == whole["eval_loss"] and resumed["resumed_from_step"] == 4
     assert resumed["train_steps"] == 6 and len(losses(tmp_path / "cut")) == 6
     assert [s for s, _ in list_checkpoints(tmp_path / "whole")] == [4, 6]
-    assert not [p for p in (tmp_path / "whole" / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert not [p for p in (tmp_path / "whole" / "checkpoints").iterdir()
+                if p.name.startswith(".") and p.name != ".sparsegrad"]  # no leftovers; the ownership marker stays
     step = tmp_path / "whole" / "checkpoints" / "step-6"
     state = json.loads((step / STATE_FILE).read_text())
     assert state["step"] == 6 and state["epoch"] == 2 and state["step_in_epoch"] == 0 and len(state["losses"]) == 6
     assert {p.name for p in step.iterdir()} == {MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, "bases.safetensors",
-                                               "rng_state.pt"}
+                                               "rng_state.pt", ".sparsegrad"}  # + the ownership marker
     # what a checkpoint holds: the delta and the trained parameters, never a dense SparseGrad weight
     saved = load_file(str(step / MODEL_FILE))
     assert any(k.endswith("delta_indices") for k in saved) and not any(k.endswith("dense.weight") for k in saved)
@@ -118,11 +119,14 @@ def test_resume_every_method(tiny, tmp_path, method, support):
     assert max_param_diff(tmp_path / "whole", tmp_path / "cut") == 0.0
 
 
-def test_fresh_run_clears_old_checkpoints(tiny, tmp_path):
+def test_fresh_run_refuses_old_checkpoints_unless_overwrite(tiny, tmp_path):
     with pytest.raises(TrainingInterrupted):
         finetune(cfg(tiny, tmp_path / "r", max_steps=3, stop_after=2))
     assert list_checkpoints(tmp_path / "r")
-    finetune(cfg(tiny, tmp_path / "r", max_steps=1))  # a fresh run in the same folder never resumes stale state
+    with pytest.raises(UsageError, match="--resume"):  # a fresh run never resumes stale state, nor deletes it silently
+        finetune(cfg(tiny, tmp_path / "r", max_steps=1))
+    assert list_checkpoints(tmp_path / "r")
+    finetune(cfg(tiny, tmp_path / "r", max_steps=1, overwrite=True))
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 

@@ -12,17 +12,18 @@
 * ``trainer_state.json`` (written last): the step, the data position (epoch, step within the epoch), the loss and
   step-time history, the world size and batch shape, and the run's settings.
 
-A checkpoint is built in a temporary folder beside and renamed into place, so ``step-N`` is complete or absent; the
-last `KEEP` checkpoints are kept.
+A checkpoint is built in a temporary folder beside and swapped into place (`sio.atomic_directory`), so ``step-N`` is
+complete or absent; every folder carries a ``.sparsegrad`` ownership marker, and the last `KEEP` checkpoints are
+kept (only marked ``step-N`` folders are ever pruned).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
-import shutil
 import signal
 import sys
 from dataclasses import dataclass
@@ -34,7 +35,8 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 import sparsegrad as sg
-from sparsegrad.io import atomic_directory, atomic_write_bytes, read_safetensors
+import sparsegrad.io as sio
+from sparsegrad.io import atomic_write_bytes, read_safetensors
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -138,27 +140,46 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
-def clear_checkpoints(output_dir: str | os.PathLike) -> bool:
-    """Remove the checkpoints of an earlier run in ``output_dir`` (a fresh run must never resume into them)."""
+def clear_checkpoints(output_dir: str | os.PathLike, *, overwrite: bool = False) -> bool:
+    """A fresh run into ``output_dir``: an earlier run's checkpoints must never be resumed into, nor silently lost.
+    Without ``overwrite`` a folder holding ``step-N`` checkpoints is refused (the message says ``--resume``); with it
+    they are removed, but only if sparsegrad can prove it wrote every file in ``checkpoints/`` (`sio.remove_ours`);
+    a user's own files there are never deleted. Returns whether something was removed."""
     root = checkpoints_dir(output_dir)
-    if root.is_dir():
-        shutil.rmtree(root)
-        return True
-    return False
+    if not root.exists():
+        return False
+    found = list_checkpoints(output_dir)
+    if found and not overwrite:
+        raise CheckpointError(
+            f"{root} holds the checkpoints of another run (up to {found[-1][1].name}): continue it with `sparsegrad "
+            f"finetune --resume {output_dir}`, or pass --overwrite to delete them and start afresh")
+    ours = sio.is_ours(root, CHECKPOINTS)
+    if not found and not ours:
+        return False  # a folder of the user's that happens to be called checkpoints/: not ours to touch
+    try:  # the whole folder when it is ours, else (made by the user) only our step-N folders inside it
+        for path in [root] if ours else [p for _, p in found]:
+            sio.remove_ours(path, CHECKPOINTS if ours else "checkpoint")
+    except sio.NotOursError as exc:
+        raise CheckpointError(f"{exc} (a fresh run cannot start over the checkpoints in {root})") from None
+    return True
 
 
 def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, bases: sg.SparseGradBases | None, rng_states: list[dict[str, Any]],
                     state: dict[str, Any], keep: int = KEEP) -> Path:
-    """Write ``output_dir/checkpoints/step-<step>`` atomically and keep the last ``keep`` checkpoints."""
+    """Write ``output_dir/checkpoints/step-<step>`` atomically and keep the last ``keep`` checkpoints. The folders
+    are marked ours (``checkpoints/`` as a "checkpoints" folder when this tool made it, each ``step-N`` as a
+    "checkpoint"); pruning deletes only marked ``step-N`` folders that hold nothing foreign."""
     tensors = trainable_state(model)
     bad = nonfinite_tensors(tensors)
     if bad:
         raise CheckpointError(f"refusing to write a checkpoint with non-finite values in {bad[:3]}")
     root = checkpoints_dir(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    sio.make_owned_dir(root, CHECKPOINTS)
+    sio.recover_leftovers(root)  # what writers killed half-way left (only theirs, only if they are dead)
     final = root / f"step-{step}"
-    with atomic_directory(final) as tmp:  # the same step written again (a resumed run) is swapped in
+    # the same step written again (a resumed run) is swapped in
+    with sio.atomic_directory(final, owner="checkpoint", replace=_step_replace_mode(final)) as tmp:
         atomic_write_bytes(tmp / MODEL_FILE, st_save(tensors, metadata={"format": FORMAT}))
         if bases is not None:
             bases.save(tmp / BASES_FILE)
@@ -167,11 +188,18 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: nn.Modul
         record = {"format": FORMAT, "version": VERSION, **state}
         atomic_write_bytes(tmp / STATE_FILE, (json.dumps(record, indent=1) + "\n").encode())
     for _, path in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(path, ignore_errors=True)
-    for child in root.iterdir():  # leftovers of writers killed half-way
-        if child.name.startswith(".step-") and child.is_dir():
-            shutil.rmtree(child, ignore_errors=True)
+        if sio.is_ours(path, "checkpoint"):
+            with contextlib.suppress(sio.NotOursError):  # a user's file put inside: the folder stays
+                sio.remove_ours(path, "checkpoint")
     return final
+
+
+def _step_replace_mode(final: Path) -> str:
+    """A ``step-N`` of an older version (no marker, our exact layout) may be replaced; anything else only if ours."""
+    if final.is_dir() and sio.read_marker(final) is None and (final / STATE_FILE).is_file() \
+            and {c.name for c in final.iterdir()} <= {MODEL_FILE, BASES_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE}:
+        return "any"
+    return "ours"
 
 
 def _torch_save(path: Path, obj: Any) -> None:

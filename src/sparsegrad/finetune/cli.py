@@ -27,15 +27,17 @@ Run `sparsegrad COMMAND --help` for the flags of a command.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import sparsegrad as sg
 from sparsegrad.config import SUPPORT_MODES
-from sparsegrad.io import atomic_directory
+import sparsegrad.io as sio
 
 from . import compare
 from .distributed import env_world_size
@@ -206,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     from sparsegrad import __version__
 
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     ft = sub.add_parser("finetune", help="one fine-tune (writes metrics.json, loss.csv, adapter/)",
@@ -221,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--lora-rank", type=_positive_int, default=None,
                     help="LoRA rank (default: matched to the budget, r*(in+out) ~= k)")
     ft.add_argument("--output-dir", default=None, help="where files go (default runs/<method>-<task>-s<seed>)")
+    ft.add_argument("--overwrite", action="store_true",
+                    help="a fresh run into an --output-dir holding another run's checkpoints deletes them (only "
+                         "files sparsegrad wrote) instead of refusing; to continue that run use --resume")
     rel = ft.add_argument_group(
         "scale-out and reliability",
         "Several processes: `torchrun --nproc_per_node N -m sparsegrad finetune ...` (gloo on CPU, NCCL with one GPU "
@@ -362,7 +368,7 @@ def _finetune_config(args: argparse.Namespace, command: str | None = None) -> Fi
         response_column=args.response_column, dtype=args.dtype, device=args.device,
         output_dir=args.output_dir, progress=not args.no_progress, command=command,
         grad_accum=args.grad_accum, save_every=args.save_every, resume=args.resume,
-        on_nonfinite=args.on_nonfinite, stop_after=args.stop_after,
+        on_nonfinite=args.on_nonfinite, stop_after=args.stop_after, overwrite=args.overwrite,
     )
 
 
@@ -423,8 +429,9 @@ def cmd_calibrate(args: argparse.Namespace, command: str) -> int:
     if args.score_steps is None:
         args.score_steps = 2
     args.basis_sharing = args.basis_sharing or "kind"
-    out_dir = Path(args.output_dir) if args.output_dir else Path("runs") / (
+    out_dir = Path(args.output_dir) if args.output_dir is not None else Path("runs") / (
         f"calibrate-{args.task or Path(args.train_file).stem}-s{args.seed}")
+    check_output_folder(out_dir, {"--model": args.model, "--train-file": args.train_file})
     report, path, seconds = calibrate(
         model=args.model, task=args.task, train_file=args.train_file, eval_file=args.eval_file,
         text_column=args.text_column, label_column=args.label_column, max_train=args.max_train or None,
@@ -448,26 +455,44 @@ def cmd_calibrate(args: argparse.Namespace, command: str) -> int:
     return 0
 
 
+def check_output_folder(out_dir: Path, inputs: dict) -> None:
+    """The pre-flight of calibrate and compare's --output-dir, before any model loads: not empty, not a file, not
+    an input, writable."""
+    sio.check_output_path(str(out_dir), "--output-dir")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--output-dir {out_dir} is a file, not a folder")
+    sio.check_separate(out_dir, "--output-dir", inputs)
+    sio.check_writable(out_dir, "--output-dir")
+
+
 def cmd_merge(args: argparse.Namespace, command: str) -> int:
+    """Checked before any model loads: --output is not empty, not the current folder or a parent, neither is nor
+    contains nor lies inside --adapter or --model, and is writable; an existing --output is replaced (with
+    --overwrite) only if sparsegrad wrote it as a merged model. Written beside and swapped in (fsynced), after the
+    merged weights are checked finite."""
     adapter = Path(args.adapter)
-    output = Path(args.output)
     if not adapter.is_dir():
         raise UsageError(f"--adapter {adapter}: no such folder")
-    if output.resolve() == adapter.resolve():
-        raise UsageError("--output must differ from --adapter")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
-        raise UsageError(f"--output {output} exists and is not empty (pass --overwrite to replace it)")
+    output = sio.check_output_path(args.output, "--output", replaced_whole=True)
     _check_model_arg(args.model)
+    sio.check_separate(output, "--output", {"--adapter": adapter, "--model": args.model})
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
+        raise UsageError(f"--output {output} exists and is not empty (pass --overwrite to replace a merged model "
+                         "sparsegrad wrote there)")
+    if output.is_dir() and any(output.iterdir()) and not sio.is_ours(output, "merged"):
+        raise UsageError(f"--output {output} is not a merged model written by sparsegrad: refusing to replace it, "
+                         "even with --overwrite; choose a new folder")
+    sio.check_writable(output, "--output")
     model, tokenizer, info = load_finetuned(adapter, args.model, merge=True)
-    with atomic_directory(output) as tmp, quiet_transformers():
+    with sio.atomic_directory(output, owner="merged") as tmp, quiet_transformers():  # load_finetuned checked it finite
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
     if info.get("model_kind") == "causal-lm":
         print(f"merged {info['method']} adapter {adapter} into {info['model']} ({info['task']}) -> {output}")
         print(f"load it with: AutoModelForCausalLM.from_pretrained({str(output)!r})")
         return 0
-    print(f"merged {info['method']} adapter {adapter} into {info['model']} ({info['num_labels']} labels: "
-          f"{', '.join(info.get('label_names') or [])}) -> {output}")
+    print(f"merged {info['method']} adapter {adapter} into {info['model']} ({info.get('num_labels')} labels: "
+          f"{', '.join(str(n) for n in info.get('label_names') or [])}) -> {output}")
     print(f"load it with: AutoModelForSequenceClassification.from_pretrained({str(output)!r})")
     return 0
 
@@ -479,7 +504,8 @@ def cmd_compare(args: argparse.Namespace, command: str) -> int:
     seeds = compare.parse_seeds(args.seeds)
     lrs = compare.parse_lrs(args.lr, [compare.base_method(m) for m in methods])
     task = args.task or Path(args.train_file).stem
-    out_dir = Path(args.output_dir) if args.output_dir else Path("runs") / f"compare-{task}"
+    out_dir = Path(args.output_dir) if args.output_dir is not None else Path("runs") / f"compare-{task}"
+    check_output_folder(out_dir, {"--model": args.model, "--train-file": args.train_file})
     common = compare.common_finetune_args(args)
     sparsegrad_only = [arg for flag in CALIBRATION_FLAGS if getattr(args, flag) is not None
                        for arg in ("--" + flag.replace("_", "-"), str(getattr(args, flag)))]
@@ -510,6 +536,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
+    debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
+    argv = [a for a in argv if a != "--debug"]
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2, message already printed)
@@ -518,21 +546,62 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     command = " ".join(shlex.quote(a) for a in [PROG, *argv])
-    try:
-        return args.func(args, command)
-    except UsageError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+    with one_line_warnings():
+        try:
+            return args.func(args, command)
+        except TrainingInterrupted as exc:  # a checkpoint was saved: 130 (SIGINT), 143 (SIGTERM), 0 (--stop-after)
+            if os.environ.get("RANK", "0") == "0":
+                print(f"{PROG}: {exc}", file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as exc:
+            code = exit_code(exc)
+            if code is None or debug:
+                raise
+            print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
+            return code
+
+
+BAD_INPUT = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError, KeyError)
+"""Errors that mean a bad input (a flag, a file, an edited adapter): exit status 2. SafetyError is a ValueError."""
+RUNTIME = (TrainingDiverged, sio.WriteFailed, OSError, RuntimeError, MemoryError)
+"""Errors of a run that could not finish (diverged, disk full, out of memory): exit status 1."""
+
+
+def exit_code(exc: BaseException) -> int | None:
+    """2 for a bad input, 1 for a failed run, None for what is neither (a bug: its traceback is shown)."""
+    if isinstance(exc, (TrainingDiverged, sio.WriteFailed)):  # before ValueError/OSError: they are runtime
         return 1
-    except TrainingInterrupted as exc:  # a checkpoint was saved: 130 (SIGINT), 143 (SIGTERM), 0 (--stop-after)
-        if os.environ.get("RANK", "0") == "0":
-            print(f"{PROG}: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    if isinstance(exc, BAD_INPUT):
+        return 2
+    if isinstance(exc, RUNTIME):
+        return 1
+    return None
+
+
+def one_line(exc: BaseException) -> str:
+    """The error's message on one line (a KeyError's repr quotes the key: say which key is missing)."""
+    text = f"missing key {exc.args[0]!r}" if isinstance(exc, KeyError) and exc.args else str(exc)
+    text = " ".join(text.split()) or type(exc).__name__
+    return text if isinstance(exc, (UsageError, TrainingDiverged, sio.SafetyError, sio.WriteFailed)) \
+        else f"{text} ({type(exc).__name__}; --debug shows where)"
+
+
+@contextlib.contextmanager
+def one_line_warnings():
+    """Python warnings as ``sparsegrad: warning: ...``, one line each, without the source line."""
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{PROG}: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":  # pragma: no cover

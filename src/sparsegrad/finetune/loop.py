@@ -43,7 +43,6 @@ from .checkpoint import (
     CheckpointError,
     StopSignals,
     checkpoints_dir,
-    clear_checkpoints,
     latest_checkpoint,
     load_checkpoint,
     load_trainable_state,
@@ -65,7 +64,8 @@ from .distributed import (
 )
 from .errors import TrainingDiverged, TrainingInterrupted, UsageError
 from .methods import METHODS, Method, Prepared, block_indices, mlp_matrices, prepare_method
-from .outputs import save_trained, versions, write_json, write_loss_csv
+from .divergence import DivergenceGuard
+from .outputs import estimate_run_bytes, run_folder, save_trained, versions, write_json, write_loss_csv
 from .precision import Precision, peak_gpu_memory_mb, pick_device
 from .settings import RESUME_MAY_CHANGE, FinetuneConfig, resume_config
 from .tasks import Task, task_for, usage_errors
@@ -89,14 +89,23 @@ def finetune(config: FinetuneConfig | None = None, **overrides: Any) -> dict[str
 
 
 def train(cfg: FinetuneConfig, ctx: DistContext) -> dict[str, Any]:
-    """The loop (see the module docstring)."""
+    """The loop (see the module docstring), in its run folder: checked, locked and cleaned before any model loads."""
+    log = print if cfg.verbose and ctx.is_main else (lambda *a, **k: None)
+    inputs = {"--model": cfg.model, "--train-file": cfg.train_file, "--eval-file": cfg.eval_file}
+    raw_out = cfg.output_dir if cfg.output_dir is not None else cfg.resolved_output_dir()  # '' stays '' (refused)
+    with run_folder(raw_out, ctx, fresh=cfg.resume is None, overwrite=cfg.overwrite,
+                    inputs=inputs, need_bytes=estimate_run_bytes(cfg.model, cfg.method, cfg.save_every),
+                    log=log) as out_dir:
+        return train_in(cfg, ctx, out_dir)
+
+
+def train_in(cfg: FinetuneConfig, ctx: DistContext, out_dir: Path) -> dict[str, Any]:
     main = ctx.is_main
     log = print if cfg.verbose and main else (lambda *a, **k: None)
     task, method = task_for(cfg), METHODS[cfg.method]
     device = pick_device(cfg.device, ctx)
     precision = Precision.of(cfg.dtype, device)
     lr = cfg.resolved_lr()
-    out_dir = make_output_dir(cfg)
     resume = load_resume(cfg, ctx.world, method) if cfg.resume is not None else None
     if cfg.refresh_every is not None and ctx.world > 1:
         raise UsageError("--refresh-every trains in one process for now: start it without torchrun")
@@ -137,11 +146,11 @@ def train(cfg: FinetuneConfig, ctx: DistContext) -> dict[str, Any]:
 
     # 5. Where to start: a fresh run, or the checkpoint's trained state, optimizer, schedule, RNG and position.
     run = RunState(calibration_time_s=prepared.calibration_time_s)
+    guard = DivergenceGuard()
     if resume is not None:
         run.restore(resume, model, optimizer, scheduler, ctx.rank)
+        guard.replay(run.losses)  # skipped steps are NaN: the guard ignores them
         log(f"resuming from {resume.path}: step {run.step} of {plan.total_steps}")
-    elif main and clear_checkpoints(out_dir):
-        log(f"removed the checkpoints of an earlier run in {checkpoints_dir(out_dir)} (this run starts afresh)")
     net = wrap_ddp(model, ctx)
     trainable = [p for p in model.parameters() if p.requires_grad]
     faults = FaultInjection.from_env()
@@ -176,6 +185,8 @@ def train(cfg: FinetuneConfig, ctx: DistContext) -> dict[str, Any]:
                 step_loss = math.nan
             else:
                 optimizer.step()
+                if guard.observe(run.step + 1, step_loss):
+                    run.divergence = check_divergence(guard, step_loss, cfg, lr, out_dir, ctx, bar)
             if run.step == plan.total_steps - 1:  # exact training state at the last step (before zero_grad)
                 run.state_bytes = sg.training_state_bytes(model, optimizer)
             scheduler.step()
@@ -207,6 +218,13 @@ def train(cfg: FinetuneConfig, ctx: DistContext) -> dict[str, Any]:
             quality = task.evaluate(model)
         eval_time = time.perf_counter() - eval_start
         bad = nonfinite_tensors(trainable_state(model))
+        if len(run.skipped) == run.step:
+            write_json(out_dir / "metrics.json", {"method": cfg.method, "task": task.name, **quality,
+                                                  **run_record(cfg, ctx, plan, prepared, run, lr, layers, precision),
+                                                  "adapter_bytes": None, "output_dir": str(out_dir)})
+            raise TrainingDiverged(f"every one of the {run.step} steps was skipped (--on-nonfinite skip): nothing "
+                                   f"trained, no adapter written (metrics.json records the run); lower the learning "
+                                   f"rate (now {lr:g}) or check the data")
         if bad:
             raise TrainingDiverged(f"the trained parameters hold non-finite values ({bad[:3]}): no adapter written; "
                                    f"lower the learning rate (now {lr:g})")
@@ -298,6 +316,7 @@ class RunState:
     train_time_before: float = 0.0
     calibration_time_s: float = 0.0
     refreshes: dict[int, float] = field(default_factory=dict)  # step -> seconds the basis refresh took there
+    divergence: dict[str, Any] | None = None  # the divergence guard's record, when it fired (--on-nonfinite skip)
     train_start: float = 0.0
     train_time_s: float = 0.0
 
@@ -363,7 +382,7 @@ def run_record(cfg: FinetuneConfig, ctx: DistContext, plan: Plan, prepared: Prep
         "train_state_bytes": run.state_bytes, "trainable_entries": prepared.trainable_entries,
         "total_params": prepared.total_params, "mlp_matrices": len(prepared.target_names),
         "final_train_loss": sum(tail) / len(tail) if tail else None, "skipped_steps": run.skipped,
-        "on_nonfinite": cfg.on_nonfinite, "save_every": cfg.save_every,
+        "on_nonfinite": cfg.on_nonfinite, "save_every": cfg.save_every, "divergence": run.divergence,
         "ranks_identical": True if ctx.enabled else None, "description": prepared.description,
         "bases_report": prepared.bases_report, "torch_threads": torch.get_num_threads(), "versions": versions(),
     }
@@ -379,14 +398,17 @@ def seed_everything(seed: int) -> None:
     transformers.set_seed(seed)
 
 
-def make_output_dir(cfg: FinetuneConfig) -> Path:
-    """The run folder, made now (not after training) so that a folder that cannot be made fails at once."""
-    out_dir = cfg.resolved_output_dir()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create output folder {out_dir}: {exc}") from None
-    return out_dir
+def check_divergence(guard: DivergenceGuard, loss: float, cfg: FinetuneConfig, lr: float, out_dir: Path,
+                     ctx: DistContext, bar) -> dict[str, Any]:
+    """The guard fired: ``--on-nonfinite stop`` stops (no adapter, as for a NaN loss); ``skip`` warns once and
+    trains on (metrics.json records it), as a NaN step is skipped with a warning."""
+    if cfg.on_nonfinite == "stop":
+        bar.close()
+        raise diverged(guard.message(loss), guard.diverged_at, lr, out_dir, ctx.world)
+    if ctx.is_main:
+        print(f"sparsegrad: warning: {guard.message(loss)}; training goes on (--on-nonfinite skip), lower the "
+              f"learning rate (now {lr:g})", file=sys.stderr, flush=True)
+    return guard.record()
 
 
 def calibration_inputs(task: Task, cfg: FinetuneConfig, ctx: DistContext, precision: Precision,

@@ -26,7 +26,7 @@ NONFINITE_CHOICES = ("stop", "skip")
 DTYPE_CHOICES = ("float32", "bfloat16")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 BASIS_SHARING_CHOICES = ("kind", "layer")
-PER_INVOCATION = frozenset({"output_dir", "progress", "verbose", "command", "resume", "stop_after"})
+PER_INVOCATION = frozenset({"output_dir", "progress", "verbose", "command", "resume", "stop_after", "overwrite"})
 """Settings of one command line, never taken from the interrupted run."""
 RESUME_MAY_CHANGE = PER_INVOCATION | {"save_every", "on_nonfinite", "device"}
 """Settings a resumed run may change; every other setting must equal the interrupted run's."""
@@ -102,6 +102,9 @@ class FinetuneConfig:
     """A non-finite loss or gradient: ``stop`` (raise TrainingDiverged) or ``skip`` the step with a warning."""
     stop_after: int | None = None
     """Testing: stop after this many steps with a checkpoint, as an interruption would (exit code 0)."""
+    overwrite: bool = False
+    """A fresh run into an ``output_dir`` holding another run's checkpoints deletes them (only if sparsegrad wrote
+    every file there) instead of refusing."""
 
     def validate(self) -> None:
         """Raise UsageError naming the first bad setting."""

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import sparsegrad as sg
+from sparsegrad.io import atomic_write_bytes
 from sparsegrad.targets import find_targets
 
 SCOPES = ("mlp", "all")
@@ -179,8 +180,9 @@ class Method:
     def prepare(self, model: nn.Module, setup: Setup) -> Prepared:
         raise NotImplementedError
 
-    def save(self, prepared: Prepared, folder: Path) -> None:
-        """Write the adapter files into ``folder`` (a fresh temporary folder)."""
+    def save(self, prepared: Prepared, folder: Path, extra_files: dict[str, bytes]) -> None:
+        """Write the adapter files and ``extra_files`` (name -> bytes, e.g. ``task.json``) into ``folder`` (a fresh
+        temporary folder); the sidecar files must be covered by the adapter's checksums."""
         raise NotImplementedError
 
     def load(self, base: nn.Module, folder: Path, *, merge: bool) -> nn.Module:
@@ -348,6 +350,12 @@ def trained_params(model: nn.Module, skip: set[int] = frozenset()) -> dict[str, 
         if p.requires_grad and id(p) not in skip:
             out[base_param_name(name)] = p.detach().cpu().contiguous().clone()
     return out
+
+
+def write_files(folder: Path, files: dict[str, bytes]) -> None:
+    """Sidecar files (name -> bytes) of an adapter whose own format has no place for them (LoRA, full)."""
+    for name, data in files.items():
+        atomic_write_bytes(folder / name, data)
 
 
 def load_named(model: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:

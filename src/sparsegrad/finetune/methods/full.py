@@ -23,6 +23,7 @@ from .base import (
     total_numel,
     trainable_numel,
     trained_params,
+    write_files,
 )
 
 
@@ -37,9 +38,10 @@ class Full(Method):
         return prepared(model, self, setup, targets, k_per_matrix, description, trainable_numel(model),
                         total_numel(model))
 
-    def save(self, prepared: Prepared, folder: Path) -> None:
+    def save(self, prepared: Prepared, folder: Path, extra_files: dict[str, bytes]) -> None:
         atomic_write_bytes(folder / TRAINED_PARAMS_FILE,
                            st_save(trained_params(prepared.model), metadata={"format": "pt"}))
+        write_files(folder, extra_files)  # covered by the folder marker's checksums
 
     def load(self, base: nn.Module, folder: Path, *, merge: bool) -> nn.Module:
         tensors, _ = read_safetensors(folder / TRAINED_PARAMS_FILE, "trained parameters")

@@ -26,6 +26,7 @@ from .base import (
     total_numel,
     trainable_numel,
     trained_params,
+    write_files,
 )
 
 
@@ -85,9 +86,10 @@ class Lora(Method):
         return prepared(model, self, setup, targets, k_per_matrix, description, trainable_numel(model),
                         total_numel(model), lora_rank=rank, lora_alpha=float(rank))
 
-    def save(self, prepared: Prepared, folder: Path) -> None:
+    def save(self, prepared: Prepared, folder: Path, extra_files: dict[str, bytes]) -> None:
         model = prepared.model
         model.save_pretrained(str(folder))
+        write_files(folder, extra_files)  # covered by the folder marker's checksums
         extra = trained_params(model, {id(p) for n, p in model.named_parameters() if "lora_" in n})
         if extra:
             atomic_write_bytes(folder / TRAINED_PARAMS_FILE, st_save(extra, metadata={"format": "pt"}))

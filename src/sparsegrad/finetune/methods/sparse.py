@@ -68,8 +68,8 @@ class Sparse(Method):
             bases = broadcast_bases(bases, src=0)
         return bases, time.perf_counter() - start
 
-    def save(self, prepared: Prepared, folder: Path) -> None:
-        sg.save_adapter(prepared.model, folder)
+    def save(self, prepared: Prepared, folder: Path, extra_files: dict[str, bytes]) -> None:
+        sg.save_adapter(prepared.model, folder, extra_files=extra_files)  # the adapter's checksums cover them
 
     def load(self, base: nn.Module, folder: Path, *, merge: bool) -> nn.Module:
         sg.load_adapter(base, folder)
