@@ -31,6 +31,16 @@ class Task(Protocol):
     @property
     def num_train(self) -> int: ...
 
+    val_metrics: tuple[str, ...]
+    """The keys of ``evaluate_val`` a best step may be chosen by."""
+
+    @property
+    def num_val(self) -> int:
+        """Examples of the validation split (carved from the training data; 0 without one)."""
+
+    def evaluate_val(self, model: nn.Module) -> dict[str, Any]:
+        """Validation scores (``loss`` and the task's ``val_metrics``) of the model as it is now."""
+
     def summary(self) -> str:
         """One line about the data, logged at the start."""
 
