@@ -87,7 +87,7 @@ def finetune(config: FinetuneConfig | None = None, **overrides: Any) -> dict[str
         ctx = setup_distributed()
     except DistributedSetupError as exc:
         raise UsageError(str(exc)) from None
-    if cfg.lr_auto and cfg.lr is None:  # a resumed run has its pick in cfg.lr
+    if cfg.lr_auto and cfg.lr is None and cfg.resume is None:  # a resumed run has its pick in cfg.lr
         cfg = pick_lr(cfg, ctx)
     return train(cfg, ctx)  # a process group it started is left for the next run
 

@@ -5,7 +5,12 @@ a run learned at all.
 The validation split is carved from the training data, never from the eval (test) split, which the loop reads once,
 at the end. A classifier's split is stratified; when the run trains on a subset (``max_train``, e.g. the CLI's 512
 BBC articles) it comes from the training rows outside that subset, so the training data stay exactly what they were
-without validation; otherwise it is cut from the training rows themselves.
+without validation; otherwise it is cut from the training rows themselves. A causal LM's is a seeded share of its
+training examples.
+
+Resume: the evaluation history and the best-so-far state are part of every checkpoint (``best_state.safetensors``
+beside the model state), so a resumed run picks and restores the same step as an uninterrupted one; a checkpoint
+written before validation existed resumes without a validation split.
 """
 
 from __future__ import annotations

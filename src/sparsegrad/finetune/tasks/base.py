@@ -85,6 +85,19 @@ def check_positions(model: nn.Module, max_length: int) -> None:
         raise UsageError(f"max_length {max_length} exceeds the model's {max_pos} positions")
 
 
+def selection_lines(m: dict[str, Any]) -> list[str]:
+    """The validation line (best step restored, early stop, the lr auto pick) of a run's summary."""
+    if m.get("val_best_step") is None:
+        return []
+    line = (f"  validation ({m['num_val']} rows carved from training): best {m['val_metric_for_best']} "
+            f"{m['val_' + m['val_metric_for_best']]:.4f} at step {m['val_best_step']} (the adapter holds that step)")
+    if m.get("stopped_early_at_step"):
+        line += f", stopped early at step {m['stopped_early_at_step']}"
+    if m.get("lr_search"):
+        line += f"; lr auto picked {m['lr_search']['picked_lr']:g} in {m['lr_search']['time_s']:.0f} s"
+    return [line]
+
+
 def cost_lines(m: dict[str, Any]) -> list[str]:
     """The cost lines every run's summary ends with."""
     from ..metrics import human_bytes

@@ -10,7 +10,7 @@ from torch import nn
 
 from .. import lm
 from ..selection import carve_examples
-from .base import check_positions, cost_lines, usage_errors
+from .base import check_positions, cost_lines, selection_lines, usage_errors
 
 KIND = "causal-lm"
 
@@ -109,7 +109,7 @@ class CausalLMTask:
         lines += [f"  e.g. reference {s['reference']!r}, generated {s['generated']!r}"
                   for s in m.get("eval_samples", [])[:2]]
         costs = cost_lines(m)
-        return lines[:2] + costs[:2] + lines[2:] + costs[2:]
+        return lines[:2] + selection_lines(m) + costs[:2] + lines[2:] + costs[2:]
 
 
 def load_model(name: str | None, info: dict[str, Any], dtype: torch.dtype | None = None):

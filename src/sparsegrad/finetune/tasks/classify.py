@@ -13,7 +13,7 @@ from .. import metrics as M
 from ..methods import DEFAULT_HEAD_NAMES
 from ..models import load_classifier
 from ..selection import carve_classification
-from .base import check_positions, cost_lines, rows, usage_errors
+from .base import check_positions, cost_lines, selection_lines, rows, usage_errors
 
 KIND = "classifier"
 
@@ -95,7 +95,7 @@ class ClassificationTask:
             f"{m.get('global_batch_size', m['batch_size'])}, lr {m['lr']:g}, scope {m['train_scope']}):",
             f"  eval accuracy {m['eval_accuracy']:.4f}, macro-F1 {m['eval_macro_f1']:.4f}, loss {m['eval_loss']:.4f} "
             f"on {m['num_eval']} held-out examples (majority class: {m['majority_baseline_accuracy']:.4f})",
-            *cost_lines(m),
+            *selection_lines(m), *cost_lines(m),
         ]
 
 
