@@ -113,7 +113,7 @@ def test_finetune_merge_calibrate(tiny, tmp_path, capsys):
     assert code == 0
     assert "eval accuracy" in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["max_length"] == 32 and metrics["num_train"] == 48  # a train file: all rows by default
+    assert metrics["max_length"] == 32 and metrics["num_train"] + metrics["num_val"] == 48  # a train file: all rows (less validation)
 
     merged = tmp_path / "merged"
     assert main(["merge", "--adapter", str(out / "adapter"), "--output", str(merged)]) == 0
@@ -158,7 +158,7 @@ def test_compare_tiny(tiny, tmp_path, capsys):
     assert "step time / lora" in results
     for label in ("lora", "sparsegrad"):
         m = json.loads((out / f"{label}-s0" / "metrics.json").read_text())
-        assert m["train_steps"] == 3 and m["num_train"] == 48
+        assert m["train_steps"] == 3 and m["num_train"] + m["num_val"] == 48
     assert json.loads((out / "lora-s0" / "metrics.json").read_text())["lr"] == 2e-3
     # --score-steps reaches the SparseGrad run only (LoRA would refuse it)
     sparse = json.loads((out / "sparsegrad-s0" / "metrics.json").read_text())

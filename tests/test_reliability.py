@@ -104,7 +104,8 @@ def test_resume_equals_uninterrupted_run_exactly(tiny, tmp_path):
     state = json.loads((step / STATE_FILE).read_text())
     assert state["step"] == 6 and state["epoch"] == 2 and state["step_in_epoch"] == 0 and len(state["losses"]) == 6
     assert {p.name for p in step.iterdir()} == {MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, "bases.safetensors",
-                                               "rng_state.pt", ".sparsegrad"}  # + the ownership marker
+                                               "rng_state.pt", ".sparsegrad",  # + the ownership marker
+                                               "best_state.safetensors"}  # validation's best step
     # what a checkpoint holds: the delta and the trained parameters, never a dense SparseGrad weight
     saved = load_file(str(step / MODEL_FILE))
     assert any(k.endswith("delta_indices") for k in saved) and not any(k.endswith("dense.weight") for k in saved)

@@ -8,6 +8,8 @@
 * ``bases.safetensors`` (SparseGrad only): the calibrated bases, fixed supports and report, so a resumed run does
   not calibrate again;
 * ``optimizer.pt``: the optimizer's and the LR scheduler's ``state_dict`` (read back with ``weights_only=True``);
+* ``best_state.safetensors`` (runs with a validation split, once a best step is known): the trained state of the
+  best validation step so far (`selection`), restored at the end; checkpoints without it load as before;
 * ``rng_state.pt``: the Python and torch (and CUDA) RNG states of every rank;
 * ``trainer_state.json`` (written last): the step, the data position (epoch, step within the epoch), the loss and
   step-time history, the world size and batch shape, and the run's settings.
@@ -44,6 +46,7 @@ MODEL_FILE = "model_state.safetensors"
 BASES_FILE = "bases.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng_state.pt"
+BEST_FILE = "best_state.safetensors"
 FORMAT = "sparsegrad-finetune-checkpoint"
 VERSION = 1
 KEEP = 2
@@ -166,7 +169,8 @@ def clear_checkpoints(output_dir: str | os.PathLike, *, overwrite: bool = False)
 
 def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, bases: sg.SparseGradBases | None, rng_states: list[dict[str, Any]],
-                    state: dict[str, Any], keep: int = KEEP) -> Path:
+                    state: dict[str, Any], keep: int = KEEP,
+                    best_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``output_dir/checkpoints/step-<step>`` atomically and keep the last ``keep`` checkpoints. The folders
     are marked ours (``checkpoints/`` as a "checkpoints" folder when this tool made it, each ``step-N`` as a
     "checkpoint"); pruning deletes only marked ``step-N`` folders that hold nothing foreign."""
@@ -183,6 +187,8 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: nn.Modul
         atomic_write_bytes(tmp / MODEL_FILE, st_save(tensors, metadata={"format": FORMAT}))
         if bases is not None:
             bases.save(tmp / BASES_FILE)
+        if best_state is not None:
+            atomic_write_bytes(tmp / BEST_FILE, st_save(best_state, metadata={"format": FORMAT}))
         _torch_save(tmp / OPTIMIZER_FILE, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
         _torch_save(tmp / RNG_FILE, {"ranks": rng_states})
         record = {"format": FORMAT, "version": VERSION, **state}
@@ -229,6 +235,7 @@ class Checkpoint:
     scheduler: dict[str, Any]
     rng_states: list[dict[str, Any]]
     bases: sg.SparseGradBases | None = None
+    best_state: dict[str, torch.Tensor] | None = None
 
     @property
     def step(self) -> int:
@@ -260,6 +267,12 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             bases = sg.SparseGradBases.load(path / BASES_FILE)
         except (ValueError, FileNotFoundError) as exc:
             raise CheckpointError(f"checkpoint bases: {exc}") from None
+    best_state = None
+    if (path / BEST_FILE).is_file():
+        try:
+            best_state, _ = read_safetensors(path / BEST_FILE, "checkpoint best state")
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
     opt = _torch_load(path / OPTIMIZER_FILE)
     rng = _torch_load(path / RNG_FILE)
     if not isinstance(opt, dict) or "optimizer" not in opt or "scheduler" not in opt:
@@ -267,7 +280,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not isinstance(rng, dict) or not rng.get("ranks"):
         raise CheckpointError(f"{path / RNG_FILE} holds no RNG state")
     return Checkpoint(path=path, state=state, tensors=tensors, optimizer=opt["optimizer"],
-                      scheduler=opt["scheduler"], rng_states=list(rng["ranks"]), bases=bases)
+                      scheduler=opt["scheduler"], rng_states=list(rng["ranks"]), bases=bases, best_state=best_state)
 
 
 # ------------------------------------------------------------------------------------------------- signals

@@ -56,6 +56,7 @@ from .settings import (
     FinetuneConfig,
     resume_config,
 )
+from .selection import DEFAULT_VAL_FRACTION, VAL_METRICS
 from .tasks import TASK_NAMES, task_for
 
 PROG = "sparsegrad"
@@ -93,6 +94,28 @@ _positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive num
 _non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 _non_negative_float = _number(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
 _ratio = _number(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+LR_AUTO_HELP = ("auto: pick it on the validation split from 3 rates around the default, each a run of 1/4 of the "
+                "steps (about 1.75x the training time)")
+
+
+def _lr_or_auto(text: str):
+    return "auto" if text == "auto" else _positive_float(text)
+
+
+def _add_selection_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("validation and selection",
+                             "A validation split carved from the training data (never the eval split, read once at "
+                             "the end) picks the best step, stops early and chooses --lr auto.")
+    g.add_argument("--val-fraction", type=_ratio, default=None,
+                   help="validation rows as a share of the training rows, stratified and seeded; taken from training "
+                        "rows outside --max-train when there are any (default 0.1; 0 = no validation)")
+    g.add_argument("--eval-every", type=_positive_int, default=None, metavar="STEPS",
+                   help="evaluate on the validation split every STEPS steps (default: each epoch and the last step); "
+                        "the best evaluation's state is what the adapter holds")
+    g.add_argument("--metric-for-best", choices=VAL_METRICS, default=None,
+                   help="validation score that picks the best step (default loss; causal LMs: loss only)")
+    g.add_argument("--early-stopping-patience", type=_positive_int, default=None, metavar="EVALS",
+                   help="stop after EVALS validation evaluations without a better score (default: never)")
 
 
 def _block_list(text: str) -> list[int]:
@@ -188,7 +211,7 @@ def _add_train_args(p: argparse.ArgumentParser, *, compare: bool) -> None:
                        help="learning rate for every method (e.g. 1e-3) or per method "
                             "(e.g. full=1e-4,sparsegrad=1e-3); methods not named use their default")
     else:
-        g.add_argument("--lr", type=_positive_float, default=None, help=lr_help())
+        g.add_argument("--lr", type=_lr_or_auto, default=None, help=lr_help() + "; " + LR_AUTO_HELP)
     g.add_argument("--weight-decay", type=_non_negative_float, default=0.0, help="decoupled weight decay (default 0)")
     g.add_argument("--warmup-ratio", type=_ratio, default=0.0,
                    help="share of the steps with a linear LR warmup, then linear decay to 0 (default 0)")
@@ -221,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(ft)
     _add_budget_args(ft)
     _add_train_args(ft, compare=False)
+    _add_selection_args(ft)
     ft.add_argument("--lora-rank", type=_positive_int, default=None,
                     help="LoRA rank (default: matched to the budget, r*(in+out) ~= k)")
     ft.add_argument("--output-dir", default=None, help="where files go (default runs/<method>-<task>-s<seed>)")
@@ -282,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(cp)
     _add_budget_args(cp)
     _add_train_args(cp, compare=True)
+    _add_selection_args(cp)
     cp.add_argument("--output-dir", default=None, help="where runs and reports go (default runs/compare-<task>)")
     cp.add_argument("--overwrite", action="store_true", help="rerun runs that already have metrics.json")
     cp.set_defaults(func=cmd_compare)
@@ -360,7 +385,7 @@ def _finetune_config(args: argparse.Namespace, command: str | None = None) -> Fi
         text_column=args.text_column, label_column=args.label_column, model=args.model,
         density=args.density if args.k is None else None, k=args.k, support=args.support,
         train_scope=args.train_scope, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-        lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, seed=args.seed,
+        weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, seed=args.seed,
         max_length=args.max_length, calibration_steps=args.calibration_steps, score_steps=args.score_steps,
         basis_sharing=args.basis_sharing or "kind", refresh_every=args.refresh_every, max_train=args.max_train or None, max_eval=args.max_eval or None, lora_rank=args.lora_rank,
         every_nth_block=args.every_nth_block, layers_to_transform=args.layers_to_transform,
@@ -369,7 +394,15 @@ def _finetune_config(args: argparse.Namespace, command: str | None = None) -> Fi
         output_dir=args.output_dir, progress=not args.no_progress, command=command,
         grad_accum=args.grad_accum, save_every=args.save_every, resume=args.resume,
         on_nonfinite=args.on_nonfinite, stop_after=args.stop_after, overwrite=args.overwrite,
+        **_selection_fields(args),
     )
+
+
+def _selection_fields(args: argparse.Namespace) -> dict:
+    return {"val_fraction": DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction,
+            "eval_every": args.eval_every, "metric_for_best": args.metric_for_best or "loss",
+            "early_stopping_patience": args.early_stopping_patience,
+            "lr": None if args.lr == "auto" else args.lr, "lr_auto": args.lr == "auto"}
 
 
 # Flags of `finetune` whose value is not a FinetuneConfig field of the same name.

@@ -62,11 +62,13 @@ from .distributed import (
     step_micro_batches,
     wrap_ddp,
 )
+from . import lr_search
 from .errors import TrainingDiverged, TrainingInterrupted, UsageError
 from .methods import METHODS, Method, Prepared, block_indices, mlp_matrices, prepare_method
 from .divergence import DivergenceGuard
 from .outputs import estimate_run_bytes, run_folder, save_trained, versions, write_json, write_loss_csv
 from .precision import Precision, peak_gpu_memory_mb, pick_device
+from .selection import Selection, run_metrics, validate
 from .settings import RESUME_MAY_CHANGE, FinetuneConfig, resume_config
 from .tasks import Task, task_for, usage_errors
 from .testing import FaultInjection
@@ -85,21 +87,39 @@ def finetune(config: FinetuneConfig | None = None, **overrides: Any) -> dict[str
         ctx = setup_distributed()
     except DistributedSetupError as exc:
         raise UsageError(str(exc)) from None
+    if cfg.lr_auto and cfg.lr is None and cfg.resume is None:  # a resumed run has its pick in cfg.lr
+        cfg = pick_lr(cfg, ctx)
     return train(cfg, ctx)  # a process group it started is left for the next run
 
 
-def train(cfg: FinetuneConfig, ctx: DistContext) -> dict[str, Any]:
-    """The loop (see the module docstring), in its run folder: checked, locked and cleaned before any model loads."""
+def pick_lr(cfg: FinetuneConfig, ctx: DistContext) -> FinetuneConfig:
+    """``lr_auto``: the grid of `lr_search`, each point a short `train` (probe); the record goes into the run folder."""
     log = print if cfg.verbose and ctx.is_main else (lambda *a, **k: None)
+    cfg, record = lr_search.search(cfg, lambda c: train(c, ctx, probe=True), log)
+    with checked_run_folder(cfg, ctx, log) as out_dir:
+        if ctx.is_main:
+            write_json(out_dir / lr_search.RECORD_FILE, record)
+    return cfg
+
+
+def train(cfg: FinetuneConfig, ctx: DistContext, probe: bool = False) -> dict[str, Any]:
+    """The loop (see the module docstring), in its run folder: checked, locked and cleaned before any model loads.
+    ``probe``: a short run for `lr_search` (a quarter of the steps) that returns its validation metrics, writes
+    nothing and never reads the test split."""
+    log = print if cfg.verbose and ctx.is_main else (lambda *a, **k: None)
+    with checked_run_folder(cfg, ctx, log) as out_dir:
+        return train_in(cfg, ctx, out_dir, probe)
+
+
+def checked_run_folder(cfg: FinetuneConfig, ctx: DistContext, log):
+    """The run folder of ``cfg`` (`outputs.run_folder`): refused, created, marked and locked as it says."""
     inputs = {"--model": cfg.model, "--train-file": cfg.train_file, "--eval-file": cfg.eval_file}
     raw_out = cfg.output_dir if cfg.output_dir is not None else cfg.resolved_output_dir()  # '' stays '' (refused)
-    with run_folder(raw_out, ctx, fresh=cfg.resume is None, overwrite=cfg.overwrite,
-                    inputs=inputs, need_bytes=estimate_run_bytes(cfg.model, cfg.method, cfg.save_every),
-                    log=log) as out_dir:
-        return train_in(cfg, ctx, out_dir)
+    return run_folder(raw_out, ctx, fresh=cfg.resume is None, overwrite=cfg.overwrite, inputs=inputs,
+                      need_bytes=estimate_run_bytes(cfg.model, cfg.method, cfg.save_every), log=log)
 
 
-def train_in(cfg: FinetuneConfig, ctx: DistContext, out_dir: Path) -> dict[str, Any]:
+def train_in(cfg: FinetuneConfig, ctx: DistContext, out_dir: Path, probe: bool = False) -> dict[str, Any]:
     main = ctx.is_main
     log = print if cfg.verbose and main else (lambda *a, **k: None)
     task, method = task_for(cfg), METHODS[cfg.method]
@@ -123,6 +143,10 @@ def train_in(cfg: FinetuneConfig, ctx: DistContext, out_dir: Path) -> dict[str, 
     # 2. Batches: one batch is one optimizer step of batch_size x processes x grad_accum examples, in a seeded
     #    order per epoch, cut into this rank's micro-batches in the loop.
     plan = Plan.of(cfg, task.num_train, ctx.world)
+    if probe:
+        plan = Plan.of(dataclasses.replace(cfg, max_steps=lr_search.probe_steps(plan.total_steps)), task.num_train,
+                       ctx.world)
+    selection = Selection.of(cfg, task, plan.steps_per_epoch, plan.total_steps)
     first_epoch = task.train_batches(0, plan.global_batch)
 
     # 3. The method. Calibration batches are the first training batches of epoch 0 (dropout on, as in training).
@@ -151,13 +175,18 @@ def train_in(cfg: FinetuneConfig, ctx: DistContext, out_dir: Path) -> dict[str, 
         run.restore(resume, model, optimizer, scheduler, ctx.rank)
         guard.replay(run.losses)  # skipped steps are NaN: the guard ignores them
         log(f"resuming from {resume.path}: step {run.step} of {plan.total_steps}")
+        if selection is not None:
+            selection.restore(resume.state.get("selection"), resume.best_state)
     net = wrap_ddp(model, ctx)
     trainable = [p for p in model.parameters() if p.requires_grad]
     faults = FaultInjection.from_env()
 
     def checkpoint(reason: str) -> Path:
         return write_checkpoint(out_dir, reason, cfg, ctx, plan, run, model, optimizer, scheduler,
-                                prepared.bases if method.calibrates else None)
+                                prepared.bases if method.calibrates else None, selection)
+
+    if selection is not None and task.kind == "causal-lm" and run.step == 0:  # the did-not-learn reference
+        selection.untrained = validate(task, model, precision)
 
     # 6. The loop.
     bar = tqdm(total=plan.total_steps, initial=run.step, desc=f"{cfg.method} {task.name}", unit="step",
@@ -169,6 +198,8 @@ def train_in(cfg: FinetuneConfig, ctx: DistContext, out_dir: Path) -> dict[str, 
             seconds = method.on_step(run.step, prepared, batches[position:], optimizer, cfg)
             if seconds is not None:
                 run.refreshes[run.step] = seconds
+                if selection is not None:
+                    selection.forget_best()
             t0 = time.perf_counter()
             step_lr = optimizer.param_groups[0]["lr"]
             step_loss, loss_bad, grad_bad = forward_backward(net, batches[position], task, cfg, ctx, precision,
@@ -195,6 +226,11 @@ def train_in(cfg: FinetuneConfig, ctx: DistContext, out_dir: Path) -> dict[str, 
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{step_lr:.2e}")
             bar.update(1)
             faults.maybe_signal(run.step, ctx.rank)
+            if selection is not None and selection.due(run.step) and \
+                    selection.observe(run.step, validate(task, model, precision), model):
+                log(f"early stop at step {run.step}: no better validation {selection.metric} in "
+                    f"{selection.patience} evaluations (best at step {selection.best_step})")
+                break
             stop = signals.requested
             if ctx.enabled:  # every rank stops at the same step
                 stop = ctx.all_sum([float(stop)])[0] > 0
@@ -206,6 +242,11 @@ def train_in(cfg: FinetuneConfig, ctx: DistContext, out_dir: Path) -> dict[str, 
                 checkpoint("save_every")
     bar.close()
     run.stop_clock()
+    if selection is not None:
+        selection.restore_best(model, run.step)
+        if probe:
+            return {"train_steps": run.step, **selection.metrics()}
+    run.state_bytes = run.state_bytes or sg.training_state_bytes(model, optimizer)  # an early stop
     check_ranks_agree(model, ctx)
 
     # 7. Evaluation (rank 0, eval mode, no grad, on the device) and files: adapter (+ task.json), loss.csv,
@@ -240,6 +281,8 @@ def train_in(cfg: FinetuneConfig, ctx: DistContext, out_dir: Path) -> dict[str, 
         metrics = {
             "method": cfg.method, "task": task.name, "seed": cfg.seed, "model": cfg.model or task.default_model,
             **quality,
+            **run_metrics(selection, task.kind, quality, cfg.val_fraction),
+            "lr_search": lr_search.read_record(out_dir) if cfg.lr_auto else None,
             **run_record(cfg, ctx, plan, prepared, run, lr, layers, precision),
             **task.describe(),
             "entries_updated": method.entries_updated(prepared, snapshot),
@@ -522,7 +565,7 @@ def signal_name(signum: int | None) -> str:
 
 
 def write_checkpoint(out_dir: Path, reason: str, cfg: FinetuneConfig, ctx: DistContext, plan: Plan, run: RunState,
-                     model, optimizer, scheduler, bases) -> Path:
+                     model, optimizer, scheduler, bases, selection: Selection | None = None) -> Path:
     """Every rank's RNG state gathered, rank 0 writes ``checkpoints/step-N``, every rank waits for it."""
     rngs = ctx.gather(rng_state())
     if ctx.is_main:
@@ -530,10 +573,10 @@ def write_checkpoint(out_dir: Path, reason: str, cfg: FinetuneConfig, ctx: DistC
                   "step_in_epoch": run.step % plan.steps_per_epoch, "total_steps": plan.total_steps,
                   "steps_per_epoch": plan.steps_per_epoch, "world_size": ctx.world, "batch_size": cfg.batch_size,
                   "grad_accum": cfg.grad_accum, "global_batch_size": plan.global_batch, "reason": reason,
-                  "config": dataclasses.asdict(cfg)}
+                  "config": dataclasses.asdict(cfg), "selection": selection.record() if selection else None}
         try:
             save_checkpoint(out_dir, run.step, model=model, optimizer=optimizer, scheduler=scheduler, bases=bases,
-                            rng_states=rngs, state=record)
+                            rng_states=rngs, state=record, best_state=selection.best_state if selection else None)
         except CheckpointError as exc:
             raise TrainingDiverged(str(exc)) from None
     ctx.barrier()

@@ -20,6 +20,7 @@ from sparsegrad.config import SUPPORT_MODES
 from .checkpoint import STATE_FILE, checkpoints_dir, latest_checkpoint
 from .errors import UsageError
 from .methods import METHODS, SCOPES, default_lr
+from .selection import DEFAULT_VAL_FRACTION, VAL_METRICS
 from .tasks import is_causal_lm_run
 
 NONFINITE_CHOICES = ("stop", "skip")
@@ -105,6 +106,17 @@ class FinetuneConfig:
     overwrite: bool = False
     """A fresh run into an ``output_dir`` holding another run's checkpoints deletes them (only if sparsegrad wrote
     every file there) instead of refusing."""
+    val_fraction: float = DEFAULT_VAL_FRACTION
+    """A validation split of this share of the training rows (`selection`; 0: none), evaluated every
+    ``eval_every`` steps; the best evaluation's trained state is restored before the adapter is written."""
+    eval_every: int | None = None
+    """Steps between validation evaluations (None: once per epoch; always at the last step)."""
+    metric_for_best: str = "loss"
+    """The validation score that picks the best step: loss (lower is better), accuracy or macro_f1."""
+    early_stopping_patience: int | None = None
+    """Stop after this many validation evaluations in a row without a better score (None: never)."""
+    lr_auto: bool = False
+    """Choose the learning rate on the validation split (`lr_search`) before the run; ``lr`` then holds the pick."""
 
     def validate(self) -> None:
         """Raise UsageError naming the first bad setting."""
@@ -166,10 +178,24 @@ class FinetuneConfig:
             raise UsageError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         if not 0.0 < self.eval_fraction < 1.0:
             raise UsageError(f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
+        self.validate_selection()
         if (self.resume is not None and self.output_dir is not None
                 and Path(self.output_dir).resolve() != Path(self.resume).resolve()):
             raise UsageError(f"output_dir {self.output_dir} differs from resume {self.resume}: a resumed run writes "
                              "into the folder it resumes (leave --output-dir out)")
+
+    def validate_selection(self) -> None:
+        if isinstance(self.val_fraction, bool) or not 0.0 <= self.val_fraction < 1.0:
+            raise UsageError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        for name in ("eval_every", "early_stopping_patience"):
+            value = getattr(self, name)
+            if value is not None and not _positive_int(value):
+                raise UsageError(f"{name} must be a positive integer, got {value!r}")
+        if self.metric_for_best not in VAL_METRICS:
+            raise UsageError(f"metric_for_best must be one of {', '.join(VAL_METRICS)}, got {self.metric_for_best!r}")
+        if not self.val_fraction and (self.lr_auto or self.early_stopping_patience is not None):
+            raise UsageError(f"{'lr auto' if self.lr_auto else 'early_stopping_patience'} needs a validation split "
+                             "(val_fraction > 0)")
 
     @property
     def task_name(self) -> str:
@@ -213,5 +239,6 @@ def resume_config(output_dir: str | os.PathLike) -> FinetuneConfig:
         raise UsageError(f"cannot resume from {path}: {STATE_FILE} holds no run settings ({exc!r}); "
                          f"{damaged}") from None
     names = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    saved.setdefault("val_fraction", 0.0)  # a checkpoint from before validation splits: its run had none
     cfg = FinetuneConfig(**{k: v for k, v in saved.items() if k in names and k not in PER_INVOCATION})
     return dataclasses.replace(cfg, resume=str(out))  # save_every and on_nonfinite carry over unless given again

@@ -64,12 +64,15 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def parse_lrs(text: str | None, methods: list[str]) -> dict[str, float]:
-    """``None`` -> {} (defaults); ``"1e-3"`` -> every method; ``"full=1e-4,lora=1e-3"`` -> those methods."""
+def parse_lrs(text: str | None, methods: list[str]) -> dict[str, float | str]:
+    """``None`` -> {} (defaults); ``"1e-3"`` -> every method; ``"full=1e-4,lora=1e-3"`` -> those methods; ``auto``
+    (for all or some methods) -> each run picks its own on its validation split (`lr_search`)."""
     if text is None:
         return {}
 
-    def number(s: str) -> float:
+    def number(s: str) -> float | str:
+        if s.strip() == "auto":
+            return "auto"
         try:
             value = float(s)
         except ValueError:
@@ -129,8 +132,19 @@ def common_finetune_args(args: Namespace) -> list[str]:
         out += ["--layers-to-transform", ",".join(map(str, args.layers_to_transform))]
     if getattr(args, "target_modules", None) is not None:
         out += ["--target-modules", args.target_modules]
+    out += selection_args(args)
     if getattr(args, "dtype", "float32") != "float32":
         out += ["--dtype", args.dtype]
+    return out
+
+
+def selection_args(args: Namespace) -> list[str]:
+    """The validation flags (`selection`) given to compare, passed on to every run."""
+    out: list[str] = []
+    for flag in ("val_fraction", "eval_every", "metric_for_best", "early_stopping_patience"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            out += ["--" + flag.replace("_", "-"), str(value)]
     return out
 
 
@@ -164,7 +178,7 @@ def run_compare(methods: list[str], seeds: list[int], common: list[str], out_dir
             argv += list(sparsegrad_args or [])
         lr = _lr_for(label, lrs)
         if lr is not None:
-            argv += ["--lr", repr(lr)]
+            argv += ["--lr", lr if lr == "auto" else repr(lr)]
         run_dir.mkdir(parents=True, exist_ok=True)
         print(f"{tag}: running ...", flush=True)
         start = time.perf_counter()

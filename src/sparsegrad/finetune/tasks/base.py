@@ -31,6 +31,16 @@ class Task(Protocol):
     @property
     def num_train(self) -> int: ...
 
+    val_metrics: tuple[str, ...]
+    """The keys of ``evaluate_val`` a best step may be chosen by."""
+
+    @property
+    def num_val(self) -> int:
+        """Examples of the validation split (carved from the training data; 0 without one)."""
+
+    def evaluate_val(self, model: nn.Module) -> dict[str, Any]:
+        """Validation scores (``loss`` and the task's ``val_metrics``) of the model as it is now."""
+
     def summary(self) -> str:
         """One line about the data, logged at the start."""
 
@@ -73,6 +83,19 @@ def check_positions(model: nn.Module, max_length: int) -> None:
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and max_length > max_pos:
         raise UsageError(f"max_length {max_length} exceeds the model's {max_pos} positions")
+
+
+def selection_lines(m: dict[str, Any]) -> list[str]:
+    """The validation line (best step restored, early stop, the lr auto pick) of a run's summary."""
+    if m.get("val_best_step") is None:
+        return []
+    line = (f"  validation ({m['num_val']} rows carved from training): best {m['val_metric_for_best']} "
+            f"{m['val_' + m['val_metric_for_best']]:.4f} at step {m['val_best_step']} (the adapter holds that step)")
+    if m.get("stopped_early_at_step"):
+        line += f", stopped early at step {m['stopped_early_at_step']}"
+    if m.get("lr_search"):
+        line += f"; lr auto picked {m['lr_search']['picked_lr']:g} in {m['lr_search']['time_s']:.0f} s"
+    return [line]
 
 
 def cost_lines(m: dict[str, Any]) -> list[str]:

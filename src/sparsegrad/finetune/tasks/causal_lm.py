@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from .. import lm
-from .base import check_positions, cost_lines, usage_errors
+from ..selection import carve_examples
+from .base import check_positions, cost_lines, selection_lines, usage_errors
 
 KIND = "causal-lm"
 
@@ -39,6 +40,9 @@ class CausalLMTask:
                                         prompt_column=cfg.prompt_column, response_column=cfg.response_column,
                                         max_length=cfg.max_length, seed=cfg.seed, eval_fraction=cfg.eval_fraction,
                                         max_train=cfg.max_train, max_eval=cfg.max_eval)
+        self.val = []
+        if cfg.val_fraction and len(self.data.train) > 1:
+            self.data.train, self.val = carve_examples(self.data.train, cfg.val_fraction, cfg.seed)
         self.name = self.data.name
         self.tokenizer = tokenizer
         self.pad_id = lm.pad_token_id(tokenizer)
@@ -48,6 +52,17 @@ class CausalLMTask:
     @property
     def num_train(self) -> int:
         return len(self.data.train)
+
+    val_metrics = ("loss",)
+
+    @property
+    def num_val(self) -> int:
+        return len(self.val)
+
+    def evaluate_val(self, model: nn.Module) -> dict[str, Any]:
+        """Loss and perplexity on the validation examples (carved from the training data)."""
+        result = lm.evaluate_loss(model, self.val, self.pad_id)
+        return {"loss": result["eval_loss"], "perplexity": result["eval_perplexity"]}
 
     def summary(self) -> str:
         return self.data.summary()
@@ -76,7 +91,8 @@ class CausalLMTask:
     def describe(self) -> dict[str, Any]:
         train = self.data.train
         return {"model_kind": KIND, "data_kind": self.data.kind, "num_train": len(train),
-                "num_eval": len(self.data.eval), "prompt_format": self.data.prompt_format,
+                "num_eval": len(self.data.eval), "num_val": self.num_val,
+                "val_source": "train" if self.val else None, "prompt_format": self.data.prompt_format,
                 "truncated_examples": self.data.truncated, "duplicates_dropped": self.data.duplicates_dropped,
                 "train_tokens_per_step_mean": (sum(len(e.input_ids) for e in train) / max(1, len(train))
                                                * self.cfg.batch_size)}
@@ -93,7 +109,7 @@ class CausalLMTask:
         lines += [f"  e.g. reference {s['reference']!r}, generated {s['generated']!r}"
                   for s in m.get("eval_samples", [])[:2]]
         costs = cost_lines(m)
-        return lines[:2] + costs[:2] + lines[2:] + costs[2:]
+        return lines[:2] + selection_lines(m) + costs[:2] + lines[2:] + costs[2:]
 
 
 def load_model(name: str | None, info: dict[str, Any], dtype: torch.dtype | None = None):

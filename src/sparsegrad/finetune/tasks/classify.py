@@ -12,7 +12,8 @@ from .. import data as D
 from .. import metrics as M
 from ..methods import DEFAULT_HEAD_NAMES
 from ..models import load_classifier
-from .base import check_positions, cost_lines, rows, usage_errors
+from ..selection import carve_classification
+from .base import check_positions, cost_lines, selection_lines, rows, usage_errors
 
 KIND = "classifier"
 
@@ -32,6 +33,7 @@ class ClassificationTask:
         torch RNG."""
         with usage_errors():
             self.data = load_split(cfg)
+            self.val_texts, self.val_labels, self.val_source = carve_validation(self.data, cfg)
         self.name = self.data.name
         with usage_errors(f"cannot load model {cfg.model or self.default_model!r}: "):
             model, tokenizer = load_model(cfg.model, self.task_info_of(self.data), dtype)
@@ -43,6 +45,19 @@ class ClassificationTask:
     @property
     def num_train(self) -> int:
         return len(self.data.train_texts)
+
+    val_metrics = ("loss", "accuracy", "macro_f1")
+
+    @property
+    def num_val(self) -> int:
+        return len(self.val_labels)
+
+    def evaluate_val(self, model: nn.Module) -> dict[str, Any]:
+        """Loss, accuracy and macro-F1 on the validation split (carved from the training data)."""
+        batches = D.make_batches(self.tokenizer, self.val_texts, self.val_labels, batch_size=self.cfg.eval_batch_size,
+                                 max_length=self.cfg.max_length, shuffle=False)
+        result = M.evaluate(model, batches)
+        return {"loss": result["eval_loss"], "accuracy": result["eval_accuracy"], "macro_f1": result["eval_macro_f1"]}
 
     def summary(self) -> str:
         return self.data.summary()
@@ -71,6 +86,7 @@ class ClassificationTask:
 
     def describe(self) -> dict[str, Any]:
         return {"num_train": len(self.data.train_texts), "num_eval": len(self.data.eval_texts),
+                "num_val": self.num_val, "val_source": self.val_source,
                 **self.task_info(), "duplicates_dropped": self.data.duplicates_dropped}
 
     def summary_lines(self, m: dict[str, Any]) -> list[str]:
@@ -79,18 +95,35 @@ class ClassificationTask:
             f"{m.get('global_batch_size', m['batch_size'])}, lr {m['lr']:g}, scope {m['train_scope']}):",
             f"  eval accuracy {m['eval_accuracy']:.4f}, macro-F1 {m['eval_macro_f1']:.4f}, loss {m['eval_loss']:.4f} "
             f"on {m['num_eval']} held-out examples (majority class: {m['majority_baseline_accuracy']:.4f})",
-            *cost_lines(m),
+            *selection_lines(m), *cost_lines(m),
         ]
 
 
-def load_split(cfg: Any) -> D.TextClassificationData:
-    """The run's train/eval split: its files, or a bundled task."""
+def load_split(cfg: Any, **override: Any) -> D.TextClassificationData:
+    """The run's train/eval split: its files, or a bundled task (``override``: e.g. ``max_train=None``)."""
+    sizes = {"max_train": cfg.max_train, "max_eval": cfg.max_eval, **override}
     if cfg.train_file is not None:
         return D.load_files(cfg.train_file, cfg.eval_file, text_column=cfg.text_column, label_column=cfg.label_column,
-                            seed=cfg.seed, eval_fraction=cfg.eval_fraction, max_train=cfg.max_train,
-                            max_eval=cfg.max_eval)
-    return D.load_task(cfg.task, seed=cfg.seed, eval_fraction=cfg.eval_fraction, max_train=cfg.max_train,
-                       max_eval=cfg.max_eval)
+                            seed=cfg.seed, eval_fraction=cfg.eval_fraction, **sizes)
+    return D.load_task(cfg.task, seed=cfg.seed, eval_fraction=cfg.eval_fraction, **sizes)
+
+
+def carve_validation(data: D.TextClassificationData, cfg: Any) -> tuple[list[str], list[int], str | None]:
+    """(val texts, val labels, source) of ``cfg.val_fraction`` (see `selection.carve_classification`); the rows of
+    ``data`` outside a ``max_train`` subset are the spare rows. ``data``'s training rows are cut only without them."""
+    if not cfg.val_fraction:
+        return [], [], None
+    spare_t: list[str] = []
+    spare_y: list[int] = []
+    if cfg.max_train is not None:
+        pool = load_split(cfg, max_train=None)
+        used = set(data.train_texts)
+        spare = [(t, y) for t, y in zip(pool.train_texts, pool.train_labels) if t not in used]
+        spare_t, spare_y = [t for t, _ in spare], [y for _, y in spare]
+    tr_t, tr_y, val_t, val_y, source = carve_classification(data.train_texts, data.train_labels, spare_t, spare_y,
+                                                            cfg.val_fraction, cfg.seed)
+    data.train_texts, data.train_labels = tr_t, tr_y
+    return val_t, val_y, source
 
 
 def load_model(name: str | None, info: dict[str, Any], dtype: torch.dtype | None = None):

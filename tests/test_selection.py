@@ -1,0 +1,207 @@
+"""Validation-based choices (`sparsegrad.finetune.selection`, `lr_search`): the validation split, the best step
+restored into the adapter, early stopping, ``--lr auto`` and the did-not-learn check, on tiny models."""
+
+import csv
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import CAUSAL_LM, CLASSIFIER, WORDS, losses, make_csv, make_pairs, tiny_model_dir
+
+from sparsegrad.finetune import selection
+from sparsegrad.finetune.checkpoint import BEST_FILE, STATE_FILE, latest_checkpoint
+from sparsegrad.finetune.errors import TrainingInterrupted, UsageError
+from sparsegrad.finetune.loop import finetune
+from sparsegrad.finetune.outputs import load_finetuned
+from sparsegrad.finetune.settings import FinetuneConfig
+from sparsegrad.finetune.tasks.classify import ClassificationTask, carve_validation, load_split
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("selection")
+    return {"model": tiny_model_dir(CLASSIFIER, root / "model", dropout=0.0), "csv": make_csv(root / "train.csv", n=90),
+            "lm": tiny_model_dir(CAUSAL_LM, root / "lm"), "pairs": make_pairs(root / "pairs.jsonl", n=30),
+            "root": root}
+
+
+def config(assets, out, **kw):
+    base = dict(model=str(assets["model"]), train_file=str(assets["csv"]), method="full", max_length=32,
+                batch_size=4, max_steps=4, output_dir=str(out), progress=False, verbose=False)
+    return FinetuneConfig(**{**base, **kw})
+
+
+def metrics(out: Path) -> dict:
+    return json.loads((Path(out) / "metrics.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------------- the split
+@pytest.mark.parametrize("max_train", [None, 30])
+def test_val_split_is_disjoint_stratified_and_keeps_a_subset_unchanged(assets, tmp_path, max_train):
+    cfg = config(assets, tmp_path, val_fraction=0.2, max_train=max_train)
+    data = load_split(cfg)
+    before = list(data.train_texts)
+    val_t, val_y, source = carve_validation(data, cfg)
+    assert not set(val_t) & set(data.train_texts) and not set(val_t) & set(data.eval_texts)
+    assert len(set(val_t)) == len(val_t) > 0
+    if max_train is None:  # cut from the training rows: together they are the rows before
+        assert source == "train" and sorted(val_t + data.train_texts) == sorted(before)
+    else:  # from the rows outside the subset: training unchanged
+        assert source == "spare" and data.train_texts == before and len(val_t) == 6
+    train_counts, val_counts = Counter(data.train_labels), Counter(val_y)
+    for y in train_counts:  # stratified: each class's share within one row of the fraction
+        expected = (train_counts[y] + (val_counts[y] if source == "train" else 0)) * 0.2
+        assert abs(val_counts[y] - expected) <= 1, (y, val_counts, train_counts)
+    again = carve_validation(load_split(cfg), cfg)
+    assert again[0] == val_t  # seeded
+
+
+def test_causal_lm_val_split_is_disjoint(assets, tmp_path):
+    from sparsegrad.finetune.tasks.causal_lm import CausalLMTask
+
+    cfg = FinetuneConfig(model=str(assets["lm"]), train_file=str(assets["pairs"]), max_length=48, val_fraction=0.2)
+    task = CausalLMTask(cfg)
+    task.load(cfg, torch.float32)
+    ids = lambda exs: {tuple(e.input_ids) for e in exs}  # noqa: E731
+    assert task.num_val == 5 and not ids(task.val) & ids(task.data.train) and not ids(task.val) & ids(task.data.eval)
+
+
+# ------------------------------------------------------------------------------------------------- best step
+def test_best_step_is_restored_into_the_adapter(assets, tmp_path):
+    """A huge lr makes later steps worse than an earlier one; the adapter must hold the best step's state."""
+    out = tmp_path / "run"
+    m = finetune(config(assets, out, lr=0.3, eval_every=1, max_steps=6, val_fraction=0.2))
+    history = m["val_history"]
+    assert [h["step"] for h in history] == list(range(1, 7))
+    best = min(history, key=lambda h: h["loss"])
+    assert m["val_best_step"] == best["step"] and m["val_loss"] == best["loss"]
+    assert best["step"] != 6 and history[-1]["loss"] > best["loss"], history  # the check below can fail
+    model, _, _ = load_finetuned(out / "adapter")
+    cfg = config(assets, out, val_fraction=0.2)
+    task = ClassificationTask(cfg)
+    task.load(cfg, torch.float32)
+    reloaded = task.evaluate_val(model)
+    assert reloaded["loss"] == pytest.approx(best["loss"], rel=1e-5, abs=1e-6)
+    assert reloaded["loss"] != pytest.approx(history[-1]["loss"], rel=1e-3)
+    assert len(losses(out)) == 6
+
+
+def test_early_stopping_stops(assets, tmp_path):
+    out = tmp_path / "run"
+    m = finetune(config(assets, out, lr=0.3, eval_every=1, max_steps=12, val_fraction=0.2,
+                        early_stopping_patience=2))
+    stop = m["stopped_early_at_step"]
+    assert stop is not None and stop < 12 and m["train_steps"] == stop == len(losses(out))
+    tail = [h["loss"] for h in m["val_history"] if h["step"] > m["val_best_step"]]
+    assert len(tail) == 2 and all(v >= m["val_loss"] for v in tail)
+
+
+def test_resume_keeps_the_best_state(assets, tmp_path):
+    """The best-so-far state travels in the checkpoint: a resumed run equals an uninterrupted one."""
+    kw = dict(lr=0.3, eval_every=1, max_steps=6, val_fraction=0.2, method="lora")
+    whole = finetune(config(assets, tmp_path / "whole", **kw))
+    with pytest.raises(TrainingInterrupted):
+        finetune(config(assets, tmp_path / "cut", stop_after=4, **kw))
+    assert (latest_checkpoint(tmp_path / "cut") / BEST_FILE).is_file()
+    resumed = finetune(config(assets, None, resume=str(tmp_path / "cut"), output_dir=None, **kw))
+    assert resumed["val_history"] == whole["val_history"] and resumed["val_best_step"] == whole["val_best_step"]
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
+    from helpers import max_param_diff
+
+    assert max_param_diff(tmp_path / "cut", tmp_path / "whole") == 0.0
+
+
+def test_a_checkpoint_from_before_validation_still_resumes(assets, tmp_path):
+    out = tmp_path / "old"
+    with pytest.raises(TrainingInterrupted):
+        finetune(config(assets, out, stop_after=2, val_fraction=0.0, method="lora"))
+    ckpt = latest_checkpoint(out)
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    for name in ("val_fraction", "eval_every", "metric_for_best", "early_stopping_patience", "lr_auto"):
+        state["config"].pop(name)
+    state.pop("selection")
+    (ckpt / STATE_FILE).write_text(json.dumps(state))
+    from sparsegrad.finetune.cli import main
+
+    assert main(["finetune", "--resume", str(out), "--no-progress"]) == 0
+    m = metrics(out)
+    assert m["train_steps"] == 4 and m["val_fraction"] == 0.0 and "val_history" not in m
+
+
+# ------------------------------------------------------------------------------------------------- lr auto
+def test_lr_auto_picks_the_lowest_validation_loss_and_trains_at_it(assets, tmp_path):
+    out = tmp_path / "auto"
+    m = finetune(config(assets, out, lr_auto=True, method="lora", max_steps=8))
+    record = m["lr_search"]
+    grid = record["grid"]
+    assert [p["lr"] for p in grid] == [float(f"{record['default_lr'] * f:.3g}") for f in (10 ** -0.5, 1, 10 ** 0.5)]
+    assert all(p["train_steps"] == 2 for p in grid)  # a quarter of the steps
+    best = min(grid, key=lambda p: p["val_loss"])
+    assert record["picked_lr"] == best["lr"] == m["lr"]
+    fixed = finetune(config(assets, tmp_path / "fixed", lr=best["lr"], method="lora", max_steps=8))
+    assert losses(out) == losses(tmp_path / "fixed") and m["eval_loss"] == fixed["eval_loss"]
+    with pytest.raises(UsageError, match="validation split"):
+        finetune(config(assets, tmp_path / "x", lr_auto=True, val_fraction=0.0))
+
+
+def test_compare_passes_lr_auto_per_method():
+    from sparsegrad.finetune.compare.run import parse_lrs
+
+    assert parse_lrs("auto", ["lora", "sparsegrad"]) == {"lora": "auto", "sparsegrad": "auto"}
+    assert parse_lrs("lora=auto,full=1e-4", ["lora", "full"]) == {"lora": "auto", "full": 1e-4}
+
+
+# ------------------------------------------------------------------------------------------------- did it learn
+def imbalanced_csv(path: Path, n: int = 60) -> Path:
+    rng = random.Random(1)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "label"])
+        for i in range(n):
+            y = 0 if i % 5 else 1  # 80 % class 0
+            w.writerow([" ".join(rng.choice(WORDS[y]) for _ in range(4)) + f" {i}", ["sport", "business"][y]])
+    return path
+
+
+def test_did_not_learn_fires_on_majority_and_not_on_a_learning_run(assets, tmp_path, capsys):
+    flat = finetune(config(assets, tmp_path / "flat", train_file=str(imbalanced_csv(tmp_path / "imb.csv")),
+                           lr=1e-9, max_steps=1))
+    assert flat["did_not_learn"] is True and flat["eval_accuracy"] <= flat["majority_baseline_accuracy"] + 0.01
+    err = capsys.readouterr().err
+    assert "did not learn" in err and "--lr auto" in err
+    learned = finetune(config(assets, tmp_path / "learn", lr=1e-2, max_steps=30, batch_size=8, train_scope="all"))
+    assert learned["eval_accuracy"] > learned["majority_baseline_accuracy"] + 0.2
+    assert learned["did_not_learn"] is False and "did not learn" not in capsys.readouterr().err
+
+
+def test_learning_check_thresholds():
+    quality = {"eval_accuracy": 0.5, "eval_macro_f1": 0.2, "majority_baseline_accuracy": 0.3}
+    assert selection.learning_check(CLASSIFIER, quality, {})[0] is True  # macro-F1 < 0.5 x accuracy
+    assert selection.learning_check(CLASSIFIER, {**quality, "eval_macro_f1": 0.45}, {})[0] is False
+    assert selection.learning_check(CLASSIFIER, {**quality, "eval_accuracy": 0.305, "eval_macro_f1": 0.3}, {})[0]
+    assert selection.learning_check(CAUSAL_LM, {}, {})[0] is None
+    assert selection.learning_check(CAUSAL_LM, {}, {"val_untrained_loss": 2.0, "val_loss": 2.0})[0] is True
+    assert selection.learning_check(CAUSAL_LM, {}, {"val_untrained_loss": 2.0, "val_loss": 1.5})[0] is False
+
+
+def test_causal_lm_records_validation_and_the_untrained_loss(assets, tmp_path):
+    m = finetune(FinetuneConfig(model=str(assets["lm"]), train_file=str(assets["pairs"]), method="lora",
+                                max_length=48, batch_size=4, max_steps=3, output_dir=str(tmp_path / "lm"),
+                                progress=False, verbose=False, lr=1e-2))
+    assert m["num_val"] == 2 and m["val_untrained_loss"] is not None and m["val_loss"] is not None
+    assert m["did_not_learn"] is (m["val_loss"] >= m["val_untrained_loss"])
+    with pytest.raises(UsageError, match="metric_for_best"):
+        finetune(FinetuneConfig(model=str(assets["lm"]), train_file=str(assets["pairs"]), max_length=48,
+                                max_steps=1, output_dir=str(tmp_path / "x"), metric_for_best="accuracy",
+                                progress=False, verbose=False))
