@@ -108,6 +108,7 @@ def test_a_model_without_a_found_mlp_names_its_type_and_the_flag(tmp_path, capsy
     tok.save_pretrained(str(model_dir))
     argv = finetune_argv("causal-lm", model_dir, make_pairs(tmp_path / "pairs.jsonl"), "sparsegrad", "dynamic",
                          steps=1, output_dir=tmp_path / "run")
+    capsys.readouterr()  # save_pretrained's progress bar
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'gpt_bigcode'" in err and "--target-modules" in err, err
