@@ -112,3 +112,22 @@ def test_a_model_without_a_found_mlp_names_its_type_and_the_flag(tmp_path, capsy
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'gpt_bigcode'" in err and "--target-modules" in err, err
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_full_and_lora_train_conv1d_and_refuse_fused_experts(method, tmp_path, capsys):
+    pairs = make_pairs(tmp_path / "pairs.jsonl")
+    gpt2 = save_family("gpt2", tmp_path / "gpt2")
+    out = tmp_path / "gpt2-run"
+    assert main(finetune_argv("causal-lm", gpt2, pairs, method, "dynamic", steps=2, output_dir=out)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["entries_updated"] > 0  # the Conv1D weights themselves trained (full) / LoRA factors moved
+    tuned, _, _ = load_finetuned(out / "adapter", None, merge=True)
+    assert type(tuned.transformer.h[0].mlp.c_fc).__name__ == "Conv1D"
+
+    mixtral = save_family("mixtral", tmp_path / "mixtral")
+    capsys.readouterr()
+    argv = finetune_argv("causal-lm", mixtral, pairs, method, "dynamic", steps=1, output_dir=tmp_path / "m-run")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"method {method!r} cannot train fused MoE expert matrices" in err, err

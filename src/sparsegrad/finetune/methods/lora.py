@@ -12,6 +12,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from sparsegrad.io import atomic_write_bytes, read_safetensors
+from sparsegrad.matrices import LinearView
 
 from .base import (
     TRAINED_PARAMS_FILE,
@@ -69,8 +70,9 @@ class Lora(Method):
         keep = {p for p in model.parameters() if p.requires_grad} - targets.weights()
         # peft ignores layers_to_transform for a regex: name the chosen modules instead.
         names = targets.names if setup.layers_to_transform is not None else targets.config.target_modules
+        conv1d = any(isinstance(m, LinearView) for _, m in mods)  # GPT-2's Conv1D stores its weight in x out
         lora_cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=names, bias="none",
-                              modules_to_save=None)
+                              modules_to_save=None, fan_in_fan_out=conv1d)
         with quiet_peft():
             model = get_peft_model(model, lora_cfg)
         lora_params = {p for n, p in model.named_parameters() if "lora_" in n}
