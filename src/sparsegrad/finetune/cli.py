@@ -27,37 +27,37 @@ Run `sparsegrad COMMAND --help` for the flags of a command.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
 from typing import Sequence
 
-import sparsegrad as sg
-from sparsegrad.config import SUPPORT_MODES
-from sparsegrad.io import atomic_directory
+# Only light modules here (no torch, no transformers): `--help` and a usage error answer at once. The commands
+# import the engine when they run.
+from sparsegrad import __version__
+from sparsegrad.config import BERT_MLP_TARGETS, SUPPORT_MODES
 
-from . import compare
-from .distributed import env_world_size
-from .errors import TrainingDiverged, TrainingInterrupted, UsageError
-from .generate import run_generate
-from .lm import LM_TASKS, is_causal_lm
-from .loop import calibrate, finetune
-from .methods import METHODS, SCOPES, lr_help
-from .models import BUNDLED_MODELS, quiet_transformers
-from .outputs import load_finetuned
-from .settings import (
+from .bundled import BUNDLED_MODELS
+from .choices import (
     BASIS_SHARING_CHOICES,
     DEVICE_CHOICES,
     DTYPE_CHOICES,
+    LM_TASKS,
+    METHOD_HELP,
+    METHOD_NAMES,
     NONFINITE_CHOICES,
-    FinetuneConfig,
-    resume_config,
+    SCOPES,
+    TASK_NAMES,
+    lr_help,
 )
-from .tasks import TASK_NAMES, task_for
+from .errors import TrainingDiverged, TrainingInterrupted, UsageError
+from .model_kind import is_causal_lm
 
 PROG = "sparsegrad"
-METHOD_CHOICES = tuple(METHODS)
+METHOD_CHOICES = METHOD_NAMES
 TASK_CHOICES = tuple(TASK_NAMES)
 DECODER_TASKS = tuple(LM_TASKS)
 CALIBRATION_FLAGS = ("score_steps", "basis_sharing", "refresh_every")  # for methods that calibrate only
@@ -67,6 +67,40 @@ DEFAULT_MAX_EVAL_LM = 100
 
 
 CLIError = UsageError  # the name before errors.py: a bad input, printed as `sparsegrad: error: ...`, exit status 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error prints its one line first (with the nearest choice or flag for a mistyped
+    one), then where the help is, instead of the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}{nearest_hint(message, self)}\nsee `{self.prog} --help`\n")
+
+
+def option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    """The flags of ``parser`` and of its commands."""
+    out = []
+    for action in parser._actions:
+        out += action.option_strings
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                out += option_strings(sub)
+    return out
+
+
+def nearest_hint(message: str, parser: argparse.ArgumentParser) -> str:
+    """' (did you mean X?)' for an argparse error about an invalid choice or an unknown flag, when one is near."""
+    choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if choice:
+        wrong, options = choice.group(1), re.findall(r"'([^']*)'", choice.group(2))
+    else:
+        unknown = re.search(r"unrecognized arguments: (\S+)", message)
+        if unknown is None:
+            return ""
+        wrong = unknown.group(1).split("=", 1)[0]
+        options = option_strings(parser)  # argparse reports them from the top parser: every command's flags
+    near = difflib.get_close_matches(wrong, options, n=1)
+    return f" (did you mean {near[0]!r}?)" if near else ""
 
 
 # ------------------------------------------------------------------------------------------------- arguments
@@ -104,7 +138,7 @@ def _block_list(text: str) -> list[int]:
 
 
 def sg_targets_hint() -> str:
-    return sg.BERT_MLP_TARGETS.replace("%", "%%")
+    return BERT_MLP_TARGETS.replace("%", "%%")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -201,10 +235,7 @@ def _add_train_args(p: argparse.ArgumentParser, *, compare: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    from sparsegrad import __version__
-
+    parser = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -214,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "SparseGrad (1% of each MLP matrix per step) on MiniLM-L6, 512 BBC articles, "
                                     "1 epoch, evaluated on 400 held-out articles.")
     ft.add_argument("--method", choices=METHOD_CHOICES, default="sparsegrad",
-                    help="sparsegrad (default), lora, meprop (SparseGrad without the rotation), full (dense MLP)")
+                    help=METHOD_HELP)
     _add_data_args(ft)
     _add_budget_args(ft)
     _add_train_args(ft, compare=False)
@@ -333,7 +364,9 @@ def _check_model_arg(model: str | None) -> None:
 
 def _check_method_args(args: argparse.Namespace, method: str) -> None:
     """Flags that apply to some methods only."""
-    if getattr(args, "lora_rank", None) is not None and method != "lora":
+    from .methods import METHODS
+
+    if getattr(args, "lora_rank", None) is not None and not METHODS[method].takes_lora_rank:
         raise UsageError("--lora-rank applies to --method lora only")
     for flag in CALIBRATION_FLAGS:
         if getattr(args, flag) is not None and not METHODS[method].calibrates:
@@ -348,7 +381,9 @@ def _check_budget_args(args: argparse.Namespace) -> None:
         args.density = 0.01
 
 
-def _finetune_config(args: argparse.Namespace, command: str | None = None) -> FinetuneConfig:
+def _finetune_config(args: argparse.Namespace, command: str | None = None):
+    from .settings import FinetuneConfig
+
     return FinetuneConfig(
         method=args.method, task=args.task, train_file=args.train_file, eval_file=args.eval_file,
         text_column=args.text_column, label_column=args.label_column, model=args.model,
@@ -393,6 +428,8 @@ def _resume_finetune_config(args: argparse.Namespace, command: str):
     refuses any that differ from the run's, except --save-every, --on-nonfinite, --no-progress)."""
     import dataclasses
 
+    from .settings import resume_config
+
     saved = resume_config(args.resume)
     given = _finetune_config(args, command)
     explicit = _explicit_fields(command) - {"resume", "progress", "command"}
@@ -402,6 +439,10 @@ def _resume_finetune_config(args: argparse.Namespace, command: str):
 
 # ------------------------------------------------------------------------------------------------- commands
 def cmd_finetune(args: argparse.Namespace, command: str) -> int:
+    from .distributed import env_world_size
+    from .loop import finetune
+    from .tasks import task_for
+
     _check_data_args(args)
     _check_budget_args(args)
     _check_method_args(args, args.method)
@@ -416,6 +457,8 @@ def cmd_finetune(args: argparse.Namespace, command: str) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace, command: str) -> int:
+    from .loop import calibrate
+
     _check_data_args(args)
     _check_budget_args(args)
     if args.refresh_every is not None:
@@ -449,6 +492,11 @@ def cmd_calibrate(args: argparse.Namespace, command: str) -> int:
 
 
 def cmd_merge(args: argparse.Namespace, command: str) -> int:
+    from sparsegrad.io import atomic_directory
+
+    from .models import quiet_transformers
+    from .outputs import load_finetuned
+
     adapter = Path(args.adapter)
     output = Path(args.output)
     if not adapter.is_dir():
@@ -473,6 +521,8 @@ def cmd_merge(args: argparse.Namespace, command: str) -> int:
 
 
 def cmd_compare(args: argparse.Namespace, command: str) -> int:
+    from . import compare
+
     _check_data_args(args)
     _check_budget_args(args)
     methods = compare.parse_methods(args.methods)
@@ -488,6 +538,8 @@ def cmd_compare(args: argparse.Namespace, command: str) -> int:
 
 
 def cmd_generate(args: argparse.Namespace, command: str) -> int:
+    from .generate import run_generate
+
     if args.adapter is not None and not Path(args.adapter).is_dir():
         raise UsageError(f"--adapter {args.adapter}: no such folder")
     if args.model is not None and args.model != "smollm2" and not Path(args.model).is_dir():

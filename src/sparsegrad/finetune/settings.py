@@ -17,15 +17,12 @@ from pathlib import Path
 
 from sparsegrad.config import SUPPORT_MODES
 
+from .choices import BASIS_SHARING_CHOICES, DEVICE_CHOICES, DTYPE_CHOICES, NONFINITE_CHOICES
 from .checkpoint import STATE_FILE, checkpoints_dir, latest_checkpoint
 from .errors import UsageError
 from .methods import METHODS, SCOPES, default_lr
 from .tasks import is_causal_lm_run
 
-NONFINITE_CHOICES = ("stop", "skip")
-DTYPE_CHOICES = ("float32", "bfloat16")
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
-BASIS_SHARING_CHOICES = ("kind", "layer")
 PER_INVOCATION = frozenset({"output_dir", "progress", "verbose", "command", "resume", "stop_after"})
 """Settings of one command line, never taken from the interrupted run."""
 RESUME_MAY_CHANGE = PER_INVOCATION | {"save_every", "on_nonfinite", "device"}

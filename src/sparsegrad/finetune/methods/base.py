@@ -23,66 +23,14 @@ import torch
 from torch import nn
 
 import sparsegrad as sg
+from sparsegrad.finetune.choices import DEFAULT_LR, KIND_LABELS, SCOPES, default_lr, lr_help  # noqa: F401 (re-exported)
 from sparsegrad.experts import ExpertView
 from sparsegrad.matrices import LinearView
 from sparsegrad.targets import find_targets, resolve
 from sparsegrad.targets import mlp_target_modules as default_targets  # the core's MLP registry, one source
 
-SCOPES = ("mlp", "all")
 DEFAULT_HEAD_NAMES = sg.CLASSIFICATION_HEADS  # the core's list: one source
 TRAINED_PARAMS_FILE = "trained_params.safetensors"
-
-# Default learning rates per (task kind, method, scope); pass --lr to change them.
-# Classifiers (MiniLM-L6, 512 BBC articles, 32 steps of 16, linear decay): mlp scope picked from a half-decade grid
-# per method on BBC, all scope on a validation split (`python benchmarks/sweep.py lr --train-scope all`,
-# docs/sweeps/lr-bbc-all.md). Causal LMs: not tuned; near the paper's 9e-4 for the sparse methods and LoRA, the
-# usual 1e-4 for dense full fine-tuning of a ~100 M-parameter LM.
-DEFAULT_LR: dict[tuple[str, str, str], float] = {
-    ("classifier", "sparsegrad", "mlp"): 3e-3,
-    ("classifier", "meprop", "mlp"): 3e-3,
-    ("classifier", "lora", "mlp"): 1e-2,
-    ("classifier", "full", "mlp"): 1e-3,
-    ("classifier", "sparsegrad", "all"): 5e-4,
-    ("classifier", "meprop", "all"): 5e-4,
-    ("classifier", "lora", "all"): 5e-4,
-    ("classifier", "full", "all"): 2e-4,
-    ("causal-lm", "sparsegrad", "mlp"): 1e-3,
-    ("causal-lm", "meprop", "mlp"): 1e-3,
-    ("causal-lm", "lora", "mlp"): 1e-3,
-    ("causal-lm", "full", "mlp"): 1e-4,
-    ("causal-lm", "sparsegrad", "all"): 1e-4,
-    ("causal-lm", "meprop", "all"): 1e-4,
-    ("causal-lm", "lora", "all"): 1e-4,
-    ("causal-lm", "full", "all"): 2e-5,
-}
-
-
-KIND_LABELS = {"classifier": "classifiers", "causal-lm": "causal LMs"}
-
-
-def default_lr(method: str, train_scope: str = "mlp", kind: str = "classifier") -> float:
-    """The default learning rate of a method in a scope for a task kind (see `DEFAULT_LR`)."""
-    try:
-        return DEFAULT_LR[(kind, method, train_scope)]
-    except KeyError:
-        raise ValueError(f"no default learning rate for method {method!r} in scope {train_scope!r} "
-                         f"({kind})") from None
-
-
-def lr_help() -> str:
-    """The ``--lr`` help text, written from `DEFAULT_LR` (never typed twice)."""
-    parts = []
-    for kind in dict.fromkeys(k for k, _, _ in DEFAULT_LR):
-        scopes = []
-        for scope in SCOPES:
-            rates: dict[float, list[str]] = {}
-            for (k, method, s), lr in DEFAULT_LR.items():
-                if k == kind and s == scope:
-                    rates.setdefault(lr, []).append(method)
-            scopes.append(f"scope {scope}: " + ", ".join(f"{'/'.join(m)} {lr:g}" for lr, m in rates.items()))
-        parts.append(f"{KIND_LABELS.get(kind, kind)}: " + "; ".join(scopes))
-    return "learning rate (default per task kind, method and scope; " + "; ".join(parts).replace("%", "%%") + ")"
-
 
 def default_score_steps(support: str) -> int:
     """Calibration batches re-run to score by default: a fixed support is chosen from them (2); with a dynamic one
