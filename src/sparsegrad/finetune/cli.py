@@ -1,24 +1,18 @@
 """sparsegrad: fine-tune the MLP blocks of a Transformer (a classifier or a causal LM) with SparseGrad, LoRA, MeProp
 or full training.
 
-Everything runs offline on bundled data and models (MiniLM-L6 on BBC news or tweet sentiment), or on your own
-CSV/TSV/JSONL files and local model folders.
-
-commands:
-  finetune    one fine-tune; writes metrics.json, loss.csv and the adapter into --output-dir
-  calibrate   compute the SparseGrad bases, save bases.safetensors, print the energy report
-  merge       adapter + base model -> a plain transformers model folder (from_pretrained loads it alone)
-  compare     methods x seeds on identical data, budget and steps (one subprocess per run);
-              writes results.md and comparison.png
-  generate    greedy answers of a causal LM (base or base + adapter) to a prompt or held-out task examples
+Everything runs offline on bundled data and models (MiniLM-L6 on BBC news or tweet sentiment, SmolLM2-135M), or on
+your own CSV/TSV/JSONL files and local model folders (BERT-, LLaMA-, GPT-2-, T5-, Mixtral-style and the other
+families of `sparsegrad.MLP_TARGETS`).
 
 examples:
-  sparsegrad finetune                                   # SparseGrad, 1% per MLP matrix, MiniLM on BBC (~2-3 min on 2 CPU cores)
+  sparsegrad finetune                                   # SparseGrad, 1% per MLP matrix, MiniLM on BBC (~75 s on 2 CPU cores)
   sparsegrad finetune --method lora --task tweets
-  sparsegrad finetune --train-file train.csv --eval-file dev.csv --text-column sentence --label-column label
+  sparsegrad finetune --train-file data/train.csv --eval-file data/dev.csv --text-column sentence
   sparsegrad merge --adapter runs/sparsegrad-bbc-s0/adapter --output merged-bbc
   sparsegrad compare --methods full,lora,meprop,sparsegrad --seeds 0,1,2
   sparsegrad finetune --model smollm2 --task bbc-instruct --every-nth-block 3 --max-steps 30 --batch-size 4
+  sparsegrad finetune --model ./my-gpt2 --train-file pairs.jsonl       # a local causal LM on prompt/response pairs
   sparsegrad generate --model smollm2 --adapter runs/sparsegrad-bbc-instruct-s0/adapter --task bbc-instruct
 
 Run `sparsegrad COMMAND --help` for the flags of a command.
@@ -53,6 +47,7 @@ from .choices import (
     TASK_NAMES,
     lr_help,
 )
+from .data import file_task_name
 from .errors import TrainingDiverged, TrainingInterrupted, UsageError
 from .model_kind import is_causal_lm
 
@@ -151,6 +146,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                         "bbc-instruct (topic word as a chat answer) or shakespeare (language modelling) for causal "
                         "LMs; default bbc, or bbc-instruct with a causal LM")
     g.add_argument("--train-file", default=None, help="your own training data (.csv, .tsv, .jsonl) instead of --task")
+    g.add_argument("--task-name", default=None, metavar="NAME",
+                   help="what outputs and reports call a --train-file run (default: the file's name, or its "
+                        "folder's for a generic one like train.csv)")
     g.add_argument("--eval-file", default=None,
                    help="held-out data; without it a stratified 20%% of --train-file is held out")
     g.add_argument("--text-column", default="text", help="text column of the files (default: text)")
@@ -170,32 +168,35 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=_seed, default=0, help="seed of the split, the head, the shuffle, dropout (default 0)")
 
 
-def _add_budget_args(p: argparse.ArgumentParser) -> None:
+def _add_budget_args(p: argparse.ArgumentParser, *, calibrate: bool = False) -> None:
+    """The budget flags; `calibrate` gets those that shape the bases only (it estimates them on every block, once)."""
     g = p.add_argument_group("budget")
     g.add_argument("--density", type=_density, default=None,
                    help="entries of each MLP matrix that train per step, as a share in (0, 1] (default 0.01); "
                         "LoRA gets the rank with r*(in+out) closest to it")
     g.add_argument("--k", type=_positive_int, default=None, help="entries per MLP matrix per step (instead of --density)")
     g.add_argument("--calibration-steps", type=_positive_int, default=2,
-                   help="training batches used to estimate the SparseGrad bases (default 2: 4 keep 0.01 more of the "
-                        "top-1%% gradient energy at twice the cost, see docs/benchmarks.md)")
+                   help="SparseGrad: how many training batches the bases (the rotation) are estimated from before "
+                        "training (default 2; 4 let the top 1%% of entries hold about 0.01 more of the gradient "
+                        "energy and take twice as long, docs/benchmarks.md)")
     g.add_argument("--score-steps", type=_non_negative_int, default=None,
-                   help="calibration batches re-run once the bases are known, to report the top-k energy share "
-                        "(rotated vs original) and to choose a fixed support (default: 2 with --support fixed, 0 "
-                        "with dynamic, where the score only reports; calibrate: 2)")
+                   help="SparseGrad: once the bases are known, re-run this many calibration batches to measure the "
+                        "gradient energy the top-k entries hold (rotated vs original basis) and, with --support "
+                        "fixed, to choose the fixed entries (default: " + (
+                            "2)" if calibrate else "2 with --support fixed, 0 (no measurement) with dynamic)"))
     g.add_argument("--basis-sharing", choices=BASIS_SHARING_CHOICES, default=None,
                    help="SparseGrad: one basis pair per kind of MLP matrix shared by all blocks (kind, the paper; "
                         "default) or one pair per matrix (layer)")
-    g.add_argument("--refresh-every", type=_positive_int, default=None,
-                   help="SparseGrad: every N steps recalibrate the bases at the current point (on the next "
-                        "--calibration-steps batches), fold the trained delta into the frozen weight and train on in "
-                        "the new bases; the adapter keeps every folded segment (default: calibrate once; "
-                        "finetune and compare only)")
-    g.add_argument("--every-nth-block", type=_positive_int, default=None,
-                   help="adapt the MLPs of blocks 0, n, 2n, ... only (default: every block; the paper's LLaMA "
-                        "runs use 3)")
-    g.add_argument("--layers-to-transform", type=_block_list, default=None, metavar="LIST",
-                   help="adapt the blocks of this comma list only, e.g. 0,3,6 (instead of --every-nth-block)")
+    if not calibrate:
+        g.add_argument("--refresh-every", type=_positive_int, default=None,
+                       help="SparseGrad: every N steps recalibrate the bases at the current point (on the next "
+                            "--calibration-steps batches), fold the trained delta into the frozen weight and train on in "
+                            "the new bases; the adapter keeps every folded segment (default: calibrate once)")
+        g.add_argument("--every-nth-block", type=_positive_int, default=None,
+                       help="adapt the MLPs of blocks 0, n, 2n, ... only (default: every block; the paper's LLaMA "
+                            "runs use 3)")
+        g.add_argument("--layers-to-transform", type=_block_list, default=None, metavar="LIST",
+                       help="adapt the blocks of this comma list only, e.g. 0,3,6 (instead of --every-nth-block)")
     g.add_argument("--target-modules", default=None, metavar="REGEX",
                    help="the module names to adapt, a regex that must match a whole name (default: the model's "
                         "MLP matrices, e.g. " + sg_targets_hint() + "), for every method")
@@ -235,12 +236,16 @@ def _add_train_args(p: argparse.ArgumentParser, *, compare: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    intro, examples = __doc__.split("\nexamples:\n")
+    parser = Parser(prog=PROG, description=intro, epilog="examples:\n" + examples,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
     ft = sub.add_parser("finetune", help="one fine-tune (writes metrics.json, loss.csv, adapter/)",
-                        description="Fine-tune a sequence classifier or a causal LM with one method and evaluate it. "
+                        description="Fine-tune a model with one method and evaluate it: a sequence classifier (an "
+                                    "encoder such as the bundled MiniLM, or T5) or a causal LM (SmolLM2, a local "
+                                    "LLaMA/GPT-2/Mixtral folder, ...), recognised from the folder's config.json. "
                                     "With no flags: "
                                     "SparseGrad (1% of each MLP matrix per step) on MiniLM-L6, 512 BBC articles, "
                                     "1 epoch, evaluated on 400 held-out articles.")
@@ -277,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "batches, save them (bases.safetensors) and report the share of gradient energy "
                                      "the top-k entries hold in the rotated vs the original basis.")
     _add_data_args(cal)
-    _add_budget_args(cal)
+    _add_budget_args(cal, calibrate=True)
     cal.add_argument("--support", choices=SUPPORT_MODES, default="dynamic",
                      help="fixed also stores a support per matrix, chosen from the calibration gradients")
     cal.add_argument("--batch-size", type=_positive_int, default=16, help="examples per batch (default 16)")
@@ -342,6 +347,8 @@ def _check_data_args(args: argparse.Namespace) -> None:
         raise UsageError("give --task or --train-file, not both")
     if args.eval_file is not None and args.train_file is None:
         raise UsageError("--eval-file needs --train-file")
+    if args.task_name is not None and args.train_file is None:
+        raise UsageError("--task-name names a --train-file run (bundled tasks keep their names)")
     for flag in ("train_file", "eval_file"):
         path = getattr(args, flag)
         if path is not None and not Path(path).is_file():
@@ -354,6 +361,10 @@ def _check_data_args(args: argparse.Namespace) -> None:
         args.max_train = DEFAULT_MAX_TRAIN if bundled else 0
     if args.max_eval is None:
         args.max_eval = (DEFAULT_MAX_EVAL_LM if args.task in DECODER_TASKS else DEFAULT_MAX_EVAL) if bundled else 0
+
+
+def _task_name(args: argparse.Namespace) -> str:
+    return args.task or args.task_name or file_task_name(args.train_file)
 
 
 def _check_model_arg(model: str | None) -> None:
@@ -397,12 +408,12 @@ def _finetune_config(args: argparse.Namespace, command: str | None = None):
         response_column=args.response_column, dtype=args.dtype, device=args.device,
         output_dir=args.output_dir, progress=not args.no_progress, command=command,
         grad_accum=args.grad_accum, save_every=args.save_every, resume=args.resume,
-        on_nonfinite=args.on_nonfinite, stop_after=args.stop_after,
+        on_nonfinite=args.on_nonfinite, stop_after=args.stop_after, task_label=args.task_name,
     )
 
 
 # Flags of `finetune` whose value is not a FinetuneConfig field of the same name.
-_FLAG_FIELDS = {"no_progress": ("progress",), "k": ("k", "density"), "density": ("k", "density")}
+_FLAG_FIELDS = {"no_progress": ("progress",), "task_name": ("task_label",), "k": ("k", "density"), "density": ("k", "density")}
 
 
 def _explicit_fields(command: str) -> set[str]:
@@ -461,13 +472,11 @@ def cmd_calibrate(args: argparse.Namespace, command: str) -> int:
 
     _check_data_args(args)
     _check_budget_args(args)
-    if args.refresh_every is not None:
-        raise UsageError("--refresh-every applies to finetune and compare (calibrate writes the starting bases only)")
     if args.score_steps is None:
         args.score_steps = 2
     args.basis_sharing = args.basis_sharing or "kind"
     out_dir = Path(args.output_dir) if args.output_dir else Path("runs") / (
-        f"calibrate-{args.task or Path(args.train_file).stem}-s{args.seed}")
+        f"calibrate-{_task_name(args)}-s{args.seed}")
     report, path, seconds = calibrate(
         model=args.model, task=args.task, train_file=args.train_file, eval_file=args.eval_file,
         text_column=args.text_column, label_column=args.label_column, max_train=args.max_train or None,
@@ -528,7 +537,7 @@ def cmd_compare(args: argparse.Namespace, command: str) -> int:
     methods = compare.parse_methods(args.methods)
     seeds = compare.parse_seeds(args.seeds)
     lrs = compare.parse_lrs(args.lr, [compare.base_method(m) for m in methods])
-    task = args.task or Path(args.train_file).stem
+    task = _task_name(args)
     out_dir = Path(args.output_dir) if args.output_dir else Path("runs") / f"compare-{task}"
     common = compare.common_finetune_args(args)
     sparsegrad_only = [arg for flag in CALIBRATION_FLAGS if getattr(args, flag) is not None

@@ -34,7 +34,7 @@ from torch import nn
 
 from .choices import LM_TASKS
 from .model_kind import is_causal_lm  # noqa: F401 (re-exported)
-from .data import load_lm_text, load_task, pad_id, read_records
+from .data import file_task_name, load_lm_text, load_task, pad_id, read_records
 from .errors import UsageError
 from .models import load_causal_lm, quiet_transformers
 
@@ -298,7 +298,7 @@ def load_pair_files(tokenizer: Any, train_file: str, eval_file: str | None = Non
         raise ValueError(f"{eval_file}: no held-out prompt left (all of them are also in the training file)")
     train_pairs = train_pairs[:max_train] if max_train else train_pairs
     evals = evals[:max_eval] if max_eval else evals
-    return _chat_data(Path(train_file).stem, tokenizer, train_pairs, evals, max_length, lambda b: b, dropped,
+    return _chat_data(file_task_name(train_file), tokenizer, train_pairs, evals, max_length, lambda b: b, dropped,
                       f"columns {prompt_column!r} -> {response_column!r}")
 
 

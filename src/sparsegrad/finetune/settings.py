@@ -19,6 +19,7 @@ from sparsegrad.config import SUPPORT_MODES
 
 from .choices import BASIS_SHARING_CHOICES, DEVICE_CHOICES, DTYPE_CHOICES, NONFINITE_CHOICES
 from .checkpoint import STATE_FILE, checkpoints_dir, latest_checkpoint
+from .data import file_task_name
 from .errors import UsageError
 from .methods import METHODS, SCOPES, default_lr
 from .tasks import is_causal_lm_run
@@ -99,6 +100,8 @@ class FinetuneConfig:
     """A non-finite loss or gradient: ``stop`` (raise TrainingDiverged) or ``skip`` the step with a warning."""
     stop_after: int | None = None
     """Testing: stop after this many steps with a checkpoint, as an interruption would (exit code 0)."""
+    task_label: str | None = None
+    """``--task-name``: what outputs and reports call a ``train_file`` run (default `data.file_task_name`)."""
 
     def validate(self) -> None:
         """Raise UsageError naming the first bad setting."""
@@ -167,7 +170,9 @@ class FinetuneConfig:
 
     @property
     def task_name(self) -> str:
-        return Path(self.train_file).stem if self.train_file is not None else str(self.task)
+        if self.train_file is None:
+            return str(self.task)
+        return self.task_label or file_task_name(self.train_file)
 
     @property
     def task_kind(self) -> str:

@@ -39,7 +39,7 @@ class CausalLMTask:
                                         prompt_column=cfg.prompt_column, response_column=cfg.response_column,
                                         max_length=cfg.max_length, seed=cfg.seed, eval_fraction=cfg.eval_fraction,
                                         max_train=cfg.max_train, max_eval=cfg.max_eval)
-        self.name = self.data.name
+        self.name = cfg.task_name  # the data's name, or --task-name
         self.tokenizer = tokenizer
         self.pad_id = lm.pad_token_id(tokenizer)
         model.config.use_cache = False  # training; generation turns it back on
