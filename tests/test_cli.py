@@ -198,7 +198,7 @@ def test_compare_tiny(tiny, tmp_path, capsys):
     assert (out / "comparison.png").stat().st_size > 10_000
     assert "| lora | 1 |" in results and "| sparsegrad | 1 |" in results
     assert "sparsegrad compare --methods lora,sparsegrad" in results
-    assert "step time / lora" in results
+    assert "step time / lora (sequential)" in results and "not interleaved: load may differ" in results
     for label in ("lora", "sparsegrad"):
         m = json.loads((out / f"{label}-s0" / "metrics.json").read_text())
         assert m["train_steps"] == 3 and m["num_train"] == 48
