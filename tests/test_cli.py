@@ -212,3 +212,16 @@ def test_compare_tiny(tiny, tmp_path, capsys):
     capsys.readouterr()
     assert main(argv) == 0  # resumable: both runs are skipped
     assert capsys.readouterr().out.count("skipped") == 2
+
+
+def test_sparsegrad_warnings_print_as_one_line(capsys):
+    import io
+    import warnings
+
+    from sparsegrad.finetune import cli, data
+
+    cli.show_warning(UserWarning("dropped 6 eval texts"), UserWarning, data.__file__, 630)
+    assert capsys.readouterr().err == "sparsegrad: warning: dropped 6 eval texts\n"
+    other = io.StringIO()
+    cli.show_warning(FutureWarning("old api"), FutureWarning, warnings.__file__, 1, file=other)  # not ours
+    assert "FutureWarning: old api" in other.getvalue()  # Python's own format, with its source

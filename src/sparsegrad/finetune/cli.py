@@ -26,6 +26,7 @@ import os
 import re
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -564,12 +565,26 @@ def cmd_generate(args: argparse.Namespace, command: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- entry
+_python_show_warning = warnings.showwarning
+_PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """`warnings.showwarning` for the CLI: sparsegrad's own warnings as one line each (no source line); other
+    libraries' as Python prints them."""
+    if str(Path(filename).resolve()).startswith(_PACKAGE_DIR):
+        print(f"{PROG}: warning: {message}", file=file or sys.stderr)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit status (0 ok, 2 bad input, 1 failed run)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.showwarning = show_warning
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
