@@ -565,7 +565,6 @@ def cmd_generate(args: argparse.Namespace, command: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- entry
-_python_show_warning = warnings.showwarning
 _PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)
 
 
@@ -575,7 +574,7 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
     if str(Path(filename).resolve()).startswith(_PACKAGE_DIR):
         print(f"{PROG}: warning: {message}", file=file or sys.stderr)
     else:
-        _python_show_warning(message, category, filename, lineno, file, line)
+        (file or sys.stderr).write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
