@@ -47,7 +47,8 @@ def _err(capsys, argv):
     (["finetune", "--method", "full", "--refresh-every", "4"], "--refresh-every applies to --method sparsegrad only"),
     (["finetune", "--refresh-every", "4", "--save-every", "2"], "--refresh-every does not work with --save-every"),
     (["finetune", "--refresh-every", "0"], "expected a positive integer"),
-    (["calibrate", "--refresh-every", "4"], "--refresh-every applies to finetune and compare"),
+    (["calibrate", "--refresh-every", "4"], "unrecognized arguments: --refresh-every"),  # not offered
+    (["finetune", "--task-name", "news"], "sparsegrad: error: --task-name names a --train-file run"),
     (["finetune", "--method", "full", "--basis-sharing", "layer"], "--basis-sharing applies to --method sparsegrad only"),
     (["compare", "--basis-sharing", "block"], "invalid choice: 'block'"),
     (["merge", "--adapter", "/nonexistent/adapter", "--output", "x"], "sparsegrad: error: --adapter /nonexistent/adapter: no such folder"),
@@ -66,6 +67,48 @@ def test_bad_inputs_exit_2_with_one_line(capsys, argv, message):
     assert code == 2
     assert message in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,first_line", [
+    (["finetune", "--method", "sparsgrad"], "sparsegrad finetune: error: argument --method: invalid choice: "
+     "'sparsgrad' (choose from 'sparsegrad', 'lora', 'meprop', 'full') (did you mean 'sparsegrad'?)"),
+    (["finetune", "--densty", "0.1"], "sparsegrad: error: unrecognized arguments: --densty 0.1 (did you mean "
+     "'--density'?)"),
+    (["comapre"], "sparsegrad: error: argument COMMAND: invalid choice: 'comapre' (choose from 'finetune', "
+     "'calibrate', 'merge', 'compare', 'generate') (did you mean 'compare'?)"),
+])
+def test_a_usage_error_is_its_line_then_where_the_help_is(capsys, argv, first_line):
+    code, err = _err(capsys, argv)
+    assert code == 2
+    assert err.splitlines()[0] == first_line
+    assert err.splitlines()[1].startswith("see `sparsegrad") and len(err.splitlines()) == 2
+
+
+def test_help_and_usage_errors_import_no_torch():
+    probe = ("import sys\nfrom sparsegrad.finetune.cli import main\nfor argv in (['--help'], ['finetune', '--help'], "
+             "['calibrate', '--help'], ['finetune', '--k', '0']):\n    try:\n        main(argv)\n    except SystemExit:"
+             "\n        pass\nheavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', "
+             "'numpy'))\nprint('HEAVY', heavy)")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stdout
+
+
+def test_calibrate_help_offers_only_what_calibrate_takes(capsys):
+    assert main(["calibrate", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--refresh-every" not in out and "--every-nth-block" not in out and "--layers-to-transform" not in out
+    assert "--calibration-steps" in out and "--target-modules" in out
+
+
+def test_a_generic_file_name_takes_its_folder_name(tmp_path):
+    from sparsegrad.finetune.settings import FinetuneConfig
+
+    train = make_csv((tmp_path / "support-tickets").mkdir() or tmp_path / "support-tickets" / "train.csv")
+    assert FinetuneConfig(train_file=str(train)).resolved_output_dir().name == "sparsegrad-support-tickets-s0"
+    assert FinetuneConfig(train_file=str(train), task_label="tickets").task_name == "tickets"
+    other = make_csv(tmp_path / "reviews.csv")
+    assert FinetuneConfig(train_file=str(other)).task_name == "reviews"
 
 
 def test_bad_file_contents_exit_2(capsys, tmp_path, tiny):
@@ -155,7 +198,7 @@ def test_compare_tiny(tiny, tmp_path, capsys):
     assert (out / "comparison.png").stat().st_size > 10_000
     assert "| lora | 1 |" in results and "| sparsegrad | 1 |" in results
     assert "sparsegrad compare --methods lora,sparsegrad" in results
-    assert "step time / lora" in results
+    assert "step time / lora (sequential)" in results and "not interleaved: load may differ" in results
     for label in ("lora", "sparsegrad"):
         m = json.loads((out / f"{label}-s0" / "metrics.json").read_text())
         assert m["train_steps"] == 3 and m["num_train"] + m["num_val"] == 48
@@ -169,3 +212,16 @@ def test_compare_tiny(tiny, tmp_path, capsys):
     capsys.readouterr()
     assert main(argv) == 0  # resumable: both runs are skipped
     assert capsys.readouterr().out.count("skipped") == 2
+
+
+def test_sparsegrad_warnings_print_as_one_line(capsys):
+    import io
+    import warnings
+
+    from sparsegrad.finetune import cli, data
+
+    cli.show_warning(UserWarning("dropped 6 eval texts"), UserWarning, data.__file__, 630)
+    assert capsys.readouterr().err == "sparsegrad: warning: dropped 6 eval texts\n"
+    other = io.StringIO()
+    cli.show_warning(FutureWarning("old api"), FutureWarning, warnings.__file__, 1, file=other)  # not ours
+    assert "FutureWarning: old api" in other.getvalue()  # Python's own format, with its source

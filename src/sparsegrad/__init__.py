@@ -5,22 +5,23 @@ Calibrate HOSVD bases of the MLP weight gradients, swap the MLP matrices (found 
 and tqdm; the fine-tuning product (data, bundled models, baselines, CLI) lives in `sparsegrad.finetune`.
 """
 
-from .adapter import load_adapter, read_adapter, save_adapter
-from .bases import SparseGradBases, broadcast_bases, estimate_bases, factors_from_gram, identity_bases
-from .config import BERT_MLP_TARGETS, LLAMA_MLP_TARGETS, SparseGradConfig
-from .layer import SparseGradLinear, topk_energy_share, topk_indices
-from .model import (
-    CLASSIFICATION_HEADS,
-    count_parameters,
-    get_sparsegrad_model,
-    merge_and_unload,
-    print_trainable_parameters,
-    refresh_bases,
-    sparsegrad_layers,
-    training_state_bytes,
-)
-from .optim import SparseGradAdamW, create_optimizer, sparse_adam_update
-from .targets import MLP_TARGETS, mlp_target_modules
+import importlib
+import importlib.util
+
+# Where each public name lives. The submodules import torch, so they load on first use (PEP 562): `sparsegrad
+# --help` and a usage error then cost no torch import; `sg.get_sparsegrad_model` and `from sparsegrad import X`
+# work as before.
+_HOME = {
+    "adapter": ("load_adapter", "read_adapter", "save_adapter"),
+    "bases": ("SparseGradBases", "broadcast_bases", "estimate_bases", "factors_from_gram", "identity_bases"),
+    "config": ("BERT_MLP_TARGETS", "LLAMA_MLP_TARGETS", "SparseGradConfig"),
+    "layer": ("SparseGradLinear", "topk_energy_share", "topk_indices"),
+    "model": ("CLASSIFICATION_HEADS", "count_parameters", "get_sparsegrad_model", "merge_and_unload",
+              "print_trainable_parameters", "refresh_bases", "sparsegrad_layers", "training_state_bytes"),
+    "optim": ("SparseGradAdamW", "create_optimizer", "sparse_adam_update"),
+    "targets": ("MLP_TARGETS", "mlp_target_modules"),
+}
+_MODULE_OF = {name: module for module, names in _HOME.items() for name in names}
 
 __version__ = "0.1.0"
 
@@ -53,3 +54,19 @@ __all__ = [
     "topk_indices",
     "training_state_bytes",
 ]
+
+
+def __getattr__(name: str):
+    """A public name (or a submodule, `sg.targets`) on first use."""
+    if name in _MODULE_OF:
+        value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_MODULE_OF])

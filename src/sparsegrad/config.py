@@ -66,7 +66,7 @@ class SparseGradConfig:
         metadata={
             "help": "Modules that train densely besides the SparseGrad matrices (and their biases), as in PEFT: "
             "names matched like target_modules' list entries (e.g. ['classifier', 'pooler']). None: the task head "
-            "when the model has one ('classifier' or 'score', PEFT's sequence-classification heads); [] : none."
+            "when the model has one ('classifier', 'score' or T5/BART's 'classification_head'); [] : none."
         },
     )
     score_steps: int | None = field(

@@ -13,7 +13,7 @@ from .matrices import LinearView, convert, restore
 from .targets import find_targets, kind_of, mlp_kinds, resolve
 
 # PEFT's modules_to_save for sequence classification (its TaskType.SEQ_CLS): the head, found by name.
-CLASSIFICATION_HEADS = ("classifier", "score")
+CLASSIFICATION_HEADS = ("classifier", "score", "classification_head")  # + T5/BART's
 
 CONFIG_ATTR = "sparsegrad_config"
 PRETRAINED_HASH_ATTR = "sparsegrad_pretrained_sha256"

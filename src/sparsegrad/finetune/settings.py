@@ -17,16 +17,14 @@ from pathlib import Path
 
 from sparsegrad.config import SUPPORT_MODES
 
+from .choices import BASIS_SHARING_CHOICES, DEVICE_CHOICES, DTYPE_CHOICES, NONFINITE_CHOICES
 from .checkpoint import STATE_FILE, checkpoints_dir, latest_checkpoint
+from .data import file_task_name
 from .errors import UsageError
 from .methods import METHODS, SCOPES, default_lr
-from .selection import DEFAULT_VAL_FRACTION, VAL_METRICS
+from .choices import DEFAULT_VAL_FRACTION, VAL_METRICS
 from .tasks import is_causal_lm_run
 
-NONFINITE_CHOICES = ("stop", "skip")
-DTYPE_CHOICES = ("float32", "bfloat16")
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
-BASIS_SHARING_CHOICES = ("kind", "layer")
 PER_INVOCATION = frozenset({"output_dir", "progress", "verbose", "command", "resume", "stop_after", "overwrite"})
 """Settings of one command line, never taken from the interrupted run."""
 RESUME_MAY_CHANGE = PER_INVOCATION | {"save_every", "on_nonfinite", "device"}
@@ -117,6 +115,8 @@ class FinetuneConfig:
     """Stop after this many validation evaluations in a row without a better score (None: never)."""
     lr_auto: bool = False
     """Choose the learning rate on the validation split (`lr_search`) before the run; ``lr`` then holds the pick."""
+    task_label: str | None = None
+    """``--task-name``: what outputs and reports call a ``train_file`` run (default `data.file_task_name`)."""
 
     def validate(self) -> None:
         """Raise UsageError naming the first bad setting."""
@@ -199,7 +199,9 @@ class FinetuneConfig:
 
     @property
     def task_name(self) -> str:
-        return Path(self.train_file).stem if self.train_file is not None else str(self.task)
+        if self.train_file is None:
+            return str(self.task)
+        return self.task_label or file_task_name(self.train_file)
 
     @property
     def task_kind(self) -> str:

@@ -16,6 +16,9 @@ from ..metrics import format_mean_std as _ms
 from ..metrics import human_bytes, mean_std, write_run_checks
 from ..metrics import mean_or_none as _mean
 
+SEQUENTIAL = "sequential runs, not interleaved: load may differ"
+"""compare runs one method after another: their step times were measured under whatever load each met."""
+
 COLORS = {"full": "#4c4c4c", "lora": "#1f77b4", "meprop": "#ff7f0e", "sparsegrad": "#2ca02c",
           "sparsegrad-fixed": "#98df8a", "meprop-fixed": "#ffbb78"}
 
@@ -39,7 +42,7 @@ def run_summary(m: dict[str, Any]) -> str:
 def summary_table(w, results: dict[str, list[dict[str, Any]]], methods: list[str], quality_headers: list[str],
                   quality, ref_label: str, ref_time: float | None) -> None:
     """The per-method summary table: the task kind's quality columns, then the shared cost columns."""
-    cols = ["method", "runs", *quality_headers, "lr", "median step (s)", f"step time / {ref_label}", "peak RSS (MB)",
+    cols = ["method", "runs", *quality_headers, "lr", "median step (s)", f"step time / {ref_label} (sequential)", "peak RSS (MB)",
             "train state", "entries / step", "entries ever updated", "adapter"]
     w("| " + " | ".join(cols) + " |\n")
     w("|" + "---|" * len(cols) + "\n")
@@ -49,7 +52,7 @@ def summary_table(w, results: dict[str, list[dict[str, Any]]], methods: list[str
             w(f"| {label} | 0 |" + " — |" * (len(cols) - 2) + "\n")
             continue
         w(summary_row(label, runs, quality(runs), ref_time))
-    w("\n")
+    w(f"Step times and their ratio come from {SEQUENTIAL} between runs.\n\n")
 
 
 def summary_row(label: str, runs: list[dict[str, Any]], quality: list[str], ref_time: float | None) -> str:
@@ -66,6 +69,15 @@ def summary_row(label: str, runs: list[dict[str, Any]], quality: list[str], ref_
              f"{_mean([m['trainable_entries'] for m in runs]):,.0f}", updated,
              human_bytes(_mean([m["adapter_bytes"] for m in runs]))]
     return "| " + " | ".join(cells) + " |\n"
+
+
+def spread(results: dict[str, list[dict[str, Any]]], labels: list[str], stds: list[float]) -> list[float] | None:
+    """Error bars for bars of these methods: the std over seeds, or none when each method ran one seed."""
+    return stds if any(len(results[label]) > 1 for label in labels) else None
+
+
+def over_seeds(results: dict[str, list[dict[str, Any]]], labels: list[str]) -> str:
+    return "mean ± std over seeds" if any(len(results[label]) > 1 for label in labels) else "one seed"
 
 
 def read_loss(run_dir: str | Path) -> list[float]:
@@ -186,7 +198,7 @@ def plot_comparison(path: Path, results: dict[str, list[dict[str, Any]]], method
             mean, std = mean_std(vals) if vals else (math.nan, 0.0)
             means.append(mean)
             stds.append(std)
-        ax.bar(x, means, yerr=stds, color=colors, capsize=4)
+        ax.bar(x, means, yerr=spread(results, labels, stds), color=colors, capsize=4)
         ax.set_xticks(x, labels, rotation=20)
         ax.set_title(title)
         ax.set_ylabel(ylabel)
@@ -198,18 +210,19 @@ def plot_comparison(path: Path, results: dict[str, list[dict[str, Any]]], method
     for offset, key, name, alpha in ((-width / 2, "eval_accuracy", "accuracy", 1.0),
                                      (width / 2, "eval_macro_f1", "macro-F1", 0.55)):
         means = [mean_std([m[key] for m in results[lab]]) for lab in labels]
-        ax_q.bar([i + offset for i in x], [mu for mu, _ in means], width, yerr=[s for _, s in means],
+        ax_q.bar([i + offset for i in x], [mu for mu, _ in means], width,
+                 yerr=spread(results, labels, [s for _, s in means]),
                  color=colors, alpha=alpha, capsize=3, label=name)
     if labels:
         base = results[labels[0]][0].get("majority_baseline_accuracy")
         if base is not None:
             ax_q.axhline(base, color="red", linestyle="--", linewidth=1, label="majority class")
         lows = [min(min(m["eval_accuracy"], m["eval_macro_f1"]) for m in results[lab]) for lab in labels]
-        ax_q.set_ylim(max(0.0, min(lows + [base or 1.0]) - 0.1), 1.0)
+        ax_q.set_ylim(max(0.0, min(lows + [base or 1.0]) - 0.1), 1.15)  # room above 1.0: the legend
     ax_q.set_xticks(x, labels, rotation=20)
-    ax_q.set_title("held-out quality (mean ± std over seeds)")
-    ax_q.legend(fontsize=8, loc="lower right")
-    bars(ax_t, lambda m: m["step_time_median_s"], "median step time", "seconds")
+    ax_q.set_title(f"held-out quality ({over_seeds(results, labels)})")
+    ax_q.legend(fontsize=8, loc="upper center", ncol=3)  # above the bars, which end at 1.0
+    bars(ax_t, lambda m: m["step_time_median_s"], f"median step time\n({SEQUENTIAL})", "seconds")
     bars(ax_rss, lambda m: m["peak_rss_mb"], "peak RSS of the run's process", "MB")
     bars(ax_state, lambda m: (m.get("train_state_bytes") or {}).get("total"),
          "training state (params + grads + optimizer)", "MiB", scale=1 / 2**20)
@@ -344,7 +357,8 @@ def plot_lm_comparison(path: Path, results: dict[str, list[dict[str, Any]]], met
 
     def bars(ax, key, title, ylabel):
         stats = [mean_std([m[key] for m in results[lab] if m.get(key) is not None]) for lab in labels]
-        ax.bar(x, [s[0] for s in stats], yerr=[s[1] for s in stats], color=colors, capsize=4)
+        ax.bar(x, [s[0] for s in stats], yerr=spread(results, labels, [s[1] for s in stats]), color=colors,
+               capsize=4)
         ax.set_xticks(x, labels, rotation=20)
         ax.set_title(title)
         ax.set_ylabel(ylabel)
@@ -355,6 +369,6 @@ def plot_lm_comparison(path: Path, results: dict[str, list[dict[str, Any]]], met
     else:
         bars(axes[0], "eval_perplexity", "held-out perplexity", "perplexity")
     bars(axes[1], "eval_loss", "held-out loss per target token", "nats")
-    bars(axes[2], "step_time_median_s", "median step time", "seconds")
+    bars(axes[2], "step_time_median_s", f"median step time\n({SEQUENTIAL})", "seconds")
     loss_panel(axes[3], results, labels, colors)
     save_figure(fig, path)

@@ -115,6 +115,8 @@ def common_finetune_args(args: Namespace) -> list[str]:
                 out += ["--" + flag.replace("_", "-"), getattr(args, flag)]
         if args.eval_file is not None:
             out += ["--eval-file", str(args.eval_file)]
+        if getattr(args, "task_name", None) is not None:
+            out += ["--task-name", args.task_name]
     else:
         out += ["--task", args.task]
     out += ["--max-train", str(args.max_train), "--max-eval", str(args.max_eval),

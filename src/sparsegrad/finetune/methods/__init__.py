@@ -35,16 +35,15 @@ from .base import (
     quiet_peft,
     unwrap_peft,
 )
+from ..choices import METHOD_NAMES
 from .full import Full
 from .lora import Lora, lora_delta, lora_modules, lora_rank_for_budget
 from .sparse import Sparse
 
-METHODS: dict[str, Method] = {
-    "sparsegrad": Sparse("sparsegrad", identity=False),
-    "meprop": Sparse("meprop", identity=True),
-    "lora": Lora(),
-    "full": Full(),
-}
+_IMPLEMENTATIONS = (Sparse("sparsegrad", identity=False), Lora(), Sparse("meprop", identity=True), Full())
+METHODS: dict[str, Method] = {m.name: m for m in _IMPLEMENTATIONS}
+if tuple(METHODS) != METHOD_NAMES:  # the parser offers `choices.METHOD_NAMES` without importing this module
+    raise ImportError(f"METHODS {tuple(METHODS)} and choices.METHOD_NAMES {METHOD_NAMES} differ")
 
 PreparedModel = Prepared  # the name before the registry
 

@@ -14,7 +14,6 @@ depends on what a conversion leaves trainable.
 from __future__ import annotations
 
 import contextlib
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,63 +24,14 @@ from torch import nn
 
 import sparsegrad as sg
 from sparsegrad.io import atomic_write_bytes
-from sparsegrad.targets import find_targets
+from sparsegrad.finetune.choices import DEFAULT_LR, KIND_LABELS, SCOPES, default_lr, lr_help  # noqa: F401 (re-exported)
+from sparsegrad.experts import ExpertView
+from sparsegrad.matrices import LinearView
+from sparsegrad.targets import find_targets, resolve
+from sparsegrad.targets import mlp_target_modules as default_targets  # the core's MLP registry, one source
 
-SCOPES = ("mlp", "all")
-DEFAULT_HEAD_NAMES = ("classifier", "score")
+DEFAULT_HEAD_NAMES = sg.CLASSIFICATION_HEADS  # the core's list: one source
 TRAINED_PARAMS_FILE = "trained_params.safetensors"
-
-# Default learning rates per (task kind, method, scope); pass --lr to change them.
-# Classifiers (MiniLM-L6, 512 BBC articles, 32 steps of 16, linear decay): mlp scope picked from a half-decade grid
-# per method on BBC, all scope on a validation split (`python benchmarks/sweep.py lr --train-scope all`,
-# docs/sweeps/lr-bbc-all.md). Causal LMs: not tuned; near the paper's 9e-4 for the sparse methods and LoRA, the
-# usual 1e-4 for dense full fine-tuning of a ~100 M-parameter LM.
-DEFAULT_LR: dict[tuple[str, str, str], float] = {
-    ("classifier", "sparsegrad", "mlp"): 3e-3,
-    ("classifier", "meprop", "mlp"): 3e-3,
-    ("classifier", "lora", "mlp"): 1e-2,
-    ("classifier", "full", "mlp"): 1e-3,
-    ("classifier", "sparsegrad", "all"): 5e-4,
-    ("classifier", "meprop", "all"): 5e-4,
-    ("classifier", "lora", "all"): 5e-4,
-    ("classifier", "full", "all"): 2e-4,
-    ("causal-lm", "sparsegrad", "mlp"): 1e-3,
-    ("causal-lm", "meprop", "mlp"): 1e-3,
-    ("causal-lm", "lora", "mlp"): 1e-3,
-    ("causal-lm", "full", "mlp"): 1e-4,
-    ("causal-lm", "sparsegrad", "all"): 1e-4,
-    ("causal-lm", "meprop", "all"): 1e-4,
-    ("causal-lm", "lora", "all"): 1e-4,
-    ("causal-lm", "full", "all"): 2e-5,
-}
-
-
-KIND_LABELS = {"classifier": "classifiers", "causal-lm": "causal LMs"}
-
-
-def default_lr(method: str, train_scope: str = "mlp", kind: str = "classifier") -> float:
-    """The default learning rate of a method in a scope for a task kind (see `DEFAULT_LR`)."""
-    try:
-        return DEFAULT_LR[(kind, method, train_scope)]
-    except KeyError:
-        raise ValueError(f"no default learning rate for method {method!r} in scope {train_scope!r} "
-                         f"({kind})") from None
-
-
-def lr_help() -> str:
-    """The ``--lr`` help text, written from `DEFAULT_LR` (never typed twice)."""
-    parts = []
-    for kind in dict.fromkeys(k for k, _, _ in DEFAULT_LR):
-        scopes = []
-        for scope in SCOPES:
-            rates: dict[float, list[str]] = {}
-            for (k, method, s), lr in DEFAULT_LR.items():
-                if k == kind and s == scope:
-                    rates.setdefault(lr, []).append(method)
-            scopes.append(f"scope {scope}: " + ", ".join(f"{'/'.join(m)} {lr:g}" for lr, m in rates.items()))
-        parts.append(f"{KIND_LABELS.get(kind, kind)}: " + "; ".join(scopes))
-    return "learning rate (default per task kind, method and scope; " + "; ".join(parts).replace("%", "%%") + ")"
-
 
 def default_score_steps(support: str) -> int:
     """Calibration batches re-run to score by default: a fixed support is chosen from them (2); with a dynamic one
@@ -139,6 +89,13 @@ class Prepared:
         return int(next(iter((self.bases_report or {}).values()), {}).get("score_steps", 0))
 
 
+def own_weight(module: Any) -> nn.Parameter:
+    """The model's Parameter behind a target `find_targets` returned."""
+    if isinstance(module, ExpertView):
+        return module.source._parameters[module.param_name]
+    return module.source.weight if isinstance(module, LinearView) else module.weight
+
+
 @dataclass
 class Targets:
     """The target MLP matrices of a setup and the texts that describe the budget and the scope."""
@@ -157,14 +114,21 @@ class Targets:
     def mean_k(self) -> float:
         return sum(self.budgets.values()) / len(self.budgets)
 
+    def weights(self) -> set[nn.Parameter]:
+        """The target weights as the model's own Parameters: a view's source weight (Conv1D) or fused 3-D
+        parameter (experts), not the detached view."""
+        return {own_weight(m) for _, m in self.modules}
+
     def params(self) -> set[nn.Parameter]:
         """The target weights and biases."""
-        out = set()
-        for _, module in self.modules:
-            out.add(module.weight)
-            if module.bias is not None:
-                out.add(module.bias)
-        return out
+        return self.weights() | {m.bias for _, m in self.modules if m.bias is not None}
+
+    def refuse_experts(self, method: str) -> None:
+        """Methods that train modules (full, lora) cannot take one expert of a fused 3-D experts parameter."""
+        experts = [n for n, m in self.modules if isinstance(m, ExpertView)]
+        if experts:
+            raise ValueError(f"method {method!r} cannot train fused MoE expert matrices ({experts[0]}, ...): use "
+                             "sparsegrad or meprop, or narrow --target-modules to the dense MLP linears")
 
 
 class Method:
@@ -176,6 +140,8 @@ class Method:
     """Calibrates bases (SparseGrad): the calibration settings, basis refresh and bases in checkpoints apply."""
     sparse: bool = False
     """Trains k entries per matrix (``support`` applies)."""
+    takes_lora_rank: bool = False
+    """``lora_rank`` applies."""
 
     def prepare(self, model: nn.Module, setup: Setup) -> Prepared:
         raise NotImplementedError
@@ -206,23 +172,11 @@ class Method:
         """Refuse settings that do not apply to this method (raise ValueError naming the flag)."""
         if cfg.refresh_every is not None and not self.calibrates:
             raise ValueError(f"refresh_every applies to the sparsegrad method only, not {self.name!r}")
-        if cfg.lora_rank is not None and self.name != "lora":
+        if cfg.lora_rank is not None and not self.takes_lora_rank:
             raise ValueError("lora_rank applies to the lora method only")
 
 
 # ------------------------------------------------------------------------------------------------- targets, scope
-def default_targets(model: nn.Module) -> str:
-    """`sg.BERT_MLP_TARGETS` when the model has BERT-style MLP linears, `sg.LLAMA_MLP_TARGETS` for LLaMA-style."""
-    names = [n for n, _ in model.named_modules()]
-    for pattern in (sg.BERT_MLP_TARGETS, sg.LLAMA_MLP_TARGETS):
-        if any(re.fullmatch(pattern, n) for n in names):
-            return pattern
-    raise ValueError(
-        "could not find BERT-style (layer.N.intermediate/output.dense) or LLaMA-style (layers.N.mlp.*_proj) MLP "
-        "linears in the model; pass target_modules explicitly"
-    )
-
-
 def block_indices(model: nn.Module, every_nth_block: int | None) -> list[int] | None:
     """Blocks 0, n, 2n, ... of the model (``None``: every block)."""
     if every_nth_block is None:
@@ -263,15 +217,15 @@ def select_targets(model: nn.Module, setup: Setup) -> Targets:
         raise ValueError(f"unknown train_scope {setup.train_scope!r}; choose one of {', '.join(SCOPES)}")
     if setup.lora_rank is not None and (not isinstance(setup.lora_rank, int) or setup.lora_rank < 1):
         raise ValueError(f"lora_rank must be a positive integer, got {setup.lora_rank!r}")
-    config = sg.SparseGradConfig(
-        target_modules=setup.target_modules if setup.target_modules is not None else default_targets(model),
+    config = resolve(sg.SparseGradConfig(
+        target_modules=setup.target_modules,
         k=setup.budget_k,
         density=None if setup.budget_k is not None else setup.density,
         support=setup.support,
         basis_sharing=setup.basis_sharing,
         layers_to_transform=setup.layers_to_transform,
         score_steps=default_score_steps(setup.support) if setup.score_steps is None else setup.score_steps,
-    )
+    ), model)
     modules = find_targets(model, config)
     budgets = {n: config.budget(*m.weight.shape, name=n) for n, m in modules}
     mean_k = sum(budgets.values()) / len(modules)

@@ -32,6 +32,7 @@ class Full(Method):
 
     def prepare(self, model: nn.Module, setup: Setup) -> Prepared:
         targets = select_targets(model, setup)
+        targets.refuse_experts(self.name)
         description = (f"full: {len(targets.modules)} MLP matrices train densely (every entry every step; the sparse "
                        f"budget would be {targets.budget_text}); scope {setup.train_scope}: {targets.scope_text}")
         k_per_matrix = {n: m.weight.numel() for n, m in targets.modules}

@@ -12,6 +12,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from sparsegrad.io import atomic_write_bytes, read_safetensors
+from sparsegrad.matrices import LinearView
 
 from .base import (
     TRAINED_PARAMS_FILE,
@@ -54,22 +55,25 @@ def lora_delta(module: nn.Module) -> torch.Tensor:
 
 class Lora(Method):
     name = "lora"
+    takes_lora_rank = True
 
     def prepare(self, model: nn.Module, setup: Setup) -> Prepared:
         from peft import LoraConfig, get_peft_model
 
         targets = select_targets(model, setup)
+        targets.refuse_experts(self.name)
         mods = targets.modules
         n_mat = len(mods)
         mean_in = sum(m.weight.shape[1] for _, m in mods) / n_mat
         mean_out = sum(m.weight.shape[0] for _, m in mods) / n_mat
         rank = setup.lora_rank if setup.lora_rank is not None else lora_rank_for_budget(targets.mean_k, mean_in,
                                                                                          mean_out)
-        keep = {p for p in model.parameters() if p.requires_grad} - {m.weight for _, m in mods}
+        keep = {p for p in model.parameters() if p.requires_grad} - targets.weights()
         # peft ignores layers_to_transform for a regex: name the chosen modules instead.
         names = targets.names if setup.layers_to_transform is not None else targets.config.target_modules
+        conv1d = any(isinstance(m, LinearView) for _, m in mods)  # GPT-2's Conv1D stores its weight in x out
         lora_cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=names, bias="none",
-                              modules_to_save=None)
+                              modules_to_save=None, fan_in_fan_out=conv1d)
         with quiet_peft():
             model = get_peft_model(model, lora_cfg)
         lora_params = {p for n, p in model.named_parameters() if "lora_" in n}

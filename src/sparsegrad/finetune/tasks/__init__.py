@@ -5,12 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import data, lm
+from .. import lm
+from ..choices import TASK_NAMES
 from . import causal_lm, classify
 from .base import Task, usage_errors
-
-TASK_NAMES: dict[str, str] = {**data.TASKS, **lm.LM_TASKS}
-"""Every bundled task: name -> one-line description."""
 KINDS = {classify.KIND: classify, causal_lm.KIND: causal_lm}
 
 

@@ -43,7 +43,7 @@ class CausalLMTask:
         self.val = []
         if cfg.val_fraction and len(self.data.train) > 1:
             self.data.train, self.val = carve_examples(self.data.train, cfg.val_fraction, cfg.seed)
-        self.name = self.data.name
+        self.name = cfg.task_name  # the data's name, or --task-name
         self.tokenizer = tokenizer
         self.pad_id = lm.pad_token_id(tokenizer)
         model.config.use_cache = False  # training; generation turns it back on

@@ -34,7 +34,7 @@ class ClassificationTask:
         with usage_errors():
             self.data = load_split(cfg)
             self.val_texts, self.val_labels, self.val_source = carve_validation(self.data, cfg)
-        self.name = self.data.name
+        self.name = cfg.task_name  # the data's name, or --task-name
         with usage_errors(f"cannot load model {cfg.model or self.default_model!r}: "):
             model, tokenizer = load_model(cfg.model, self.task_info_of(self.data), dtype)
         check_positions(model, cfg.max_length)
