@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 import sparsegrad as sg
-from test_model import one_thread  # noqa: F401  (autouse: tiny models run on one thread, see there)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 transformers = pytest.importorskip("transformers")
 

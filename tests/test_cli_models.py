@@ -16,12 +16,7 @@ from sparsegrad.finetune.outputs import load_finetuned
 from helpers import chat_tokenizer, finetune_argv, make_csv, make_pairs, word_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 def _gpt2(tok):

@@ -10,14 +10,7 @@ import sparsegrad as sg
 from conftest import bert_batches, llama_batches, make_tiny_bert, make_tiny_llama
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """32-wide matrices gain nothing from threads, and on a busy machine OpenMP's spinning threads make each tiny op
-    up to 100x slower (a tiny LLaMA case of test_architectures: 10 s with 2 threads at load 6, 0.1 s with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 def converted_bert(support="dynamic", seed=0, density=0.05, keep_requires_grad=True):

@@ -20,12 +20,7 @@ from sparsegrad.finetune.settings import FinetuneConfig
 from sparsegrad.finetune.tasks.classify import ClassificationTask, carve_validation, load_split
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 @pytest.fixture(scope="module")
