@@ -116,7 +116,7 @@ def checked_run_folder(cfg: FinetuneConfig, ctx: DistContext, log):
     inputs = {"--model": cfg.model, "--train-file": cfg.train_file, "--eval-file": cfg.eval_file}
     raw_out = cfg.output_dir if cfg.output_dir is not None else cfg.resolved_output_dir()  # '' stays '' (refused)
     return run_folder(raw_out, ctx, fresh=cfg.resume is None, overwrite=cfg.overwrite, inputs=inputs,
-                      need_bytes=estimate_run_bytes(cfg.model, cfg.method, cfg.save_every), log=log)
+                      need_bytes=estimate_run_bytes(cfg.model, METHODS[cfg.method], cfg.save_every), log=log)
 
 
 def train_in(cfg: FinetuneConfig, ctx: DistContext, out_dir: Path, probe: bool = False) -> dict[str, Any]:
@@ -185,7 +185,7 @@ def train_in(cfg: FinetuneConfig, ctx: DistContext, out_dir: Path, probe: bool =
         return write_checkpoint(out_dir, reason, cfg, ctx, plan, run, model, optimizer, scheduler,
                                 prepared.bases if method.calibrates else None, selection)
 
-    if selection is not None and task.kind == "causal-lm" and run.step == 0:  # the did-not-learn reference
+    if selection is not None and task.untrained_loss_is_reference and run.step == 0:  # did-not-learn check
         selection.untrained = validate(task, model, precision)
 
     # 6. The loop.

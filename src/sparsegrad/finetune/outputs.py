@@ -78,15 +78,15 @@ def _drop_if_empty(lock: sio.FolderLock) -> None:
     lock.release()
 
 
-def estimate_run_bytes(model: str | None, method: str, save_every: int | None) -> int:
+def estimate_run_bytes(model: str | None, method: Method, save_every: int | None) -> int:
     """A rough lower bound of what a run writes, for the free-space pre-flight: the base's weight files (a local
-    folder; bundled models are small) stand for the trained state, a full fine-tune's adapter is that large, the
+    folder; bundled models are small) stand for the trained state, a dense method's adapter is that large, the
     others' a tenth; each checkpoint holds the state and two Adam moments, ``KEEP`` + 1 of them at a time."""
     folder = Path(model) if model is not None else None
     if folder is None or not folder.is_dir():
         return 0
     weights = sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
-    trained = weights if method == "full" else weights // 10
+    trained = weights if method.dense else weights // 10
     return trained + (3 * trained * (KEEP + 1) if save_every else 0)
 
 

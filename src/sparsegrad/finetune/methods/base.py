@@ -142,6 +142,8 @@ class Method:
     """Trains k entries per matrix (``support`` applies)."""
     takes_lora_rank: bool = False
     """``lora_rank`` applies."""
+    dense: bool = False
+    """Trains whole matrices: its adapter is as large as the matrices it trains."""
 
     def prepare(self, model: nn.Module, setup: Setup) -> Prepared:
         raise NotImplementedError

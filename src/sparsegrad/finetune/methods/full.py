@@ -29,6 +29,7 @@ from .base import (
 
 class Full(Method):
     name = "full"
+    dense = True
 
     def prepare(self, model: nn.Module, setup: Setup) -> Prepared:
         targets = select_targets(model, setup)

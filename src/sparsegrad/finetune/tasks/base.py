@@ -33,6 +33,9 @@ class Task(Protocol):
 
     val_metrics: tuple[str, ...]
     """The keys of ``evaluate_val`` a best step may be chosen by."""
+    untrained_loss_is_reference: bool
+    """The did-not-learn check compares the validation loss with the untrained model's (one extra validation pass
+    at step 0); a classifier compares with the majority class instead."""
 
     @property
     def num_val(self) -> int:

@@ -17,6 +17,7 @@ KIND = "causal-lm"
 
 class CausalLMTask:
     kind = KIND
+    untrained_loss_is_reference = True
     head_names: tuple[str, ...] = ()
     default_model = "smollm2"
 

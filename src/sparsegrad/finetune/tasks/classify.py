@@ -20,6 +20,7 @@ KIND = "classifier"
 
 class ClassificationTask:
     kind = KIND
+    untrained_loss_is_reference = False
     head_names = DEFAULT_HEAD_NAMES
     default_model = "minilm"
 
