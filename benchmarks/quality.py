@@ -115,13 +115,10 @@ def read_tweets3() -> list[tuple[str, str]]:
 
 def dedupe(rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """Drop every later row whose text was already seen (whatever its label), keeping the first."""
-    seen: set[str] = set()
-    out = []
+    first: dict[str, str] = {}
     for text, label in rows:
-        if text not in seen:
-            seen.add(text)
-            out.append((text, label))
-    return out
+        first.setdefault(text, label)
+    return list(first.items())  # dicts keep insertion order: the first occurrences, in file order
 
 
 def proportional(counts: dict[str, int], n: int) -> dict[str, int]:
