@@ -305,6 +305,8 @@ def start(run: Run, opts: argparse.Namespace) -> subprocess.Popen:
 def execute(runs: list[Run], opts: argparse.Namespace) -> dict[Path, str]:
     """Run (up to --jobs at a time) the runs without a metrics.json (all of them without --resume); returns the
     failures: run dir -> last line of its log."""
+    if opts.report_only:
+        return {r.dir: "not finished (no metrics.json yet)" for r in runs if not r.metrics_path.is_file()}
     todo = [r for r in runs if not (opts.resume and r.metrics_path.is_file())]
     for r in todo:  # a stale metrics.json must not pass for this run's
         r.metrics_path.unlink(missing_ok=True)
@@ -388,7 +390,7 @@ def fmt(x: float, digits: int = 4) -> str:
 
 def fmt_interval(iv: dict) -> str:
     if iv["n"] < 2:
-        return f"{fmt(iv['mean'], 3)} (1 seed: no interval)"
+        return f"{fmt(iv['mean'], 3)} ({iv['n']} seed{'' if iv['n'] == 1 else 's'}: no interval)"
     return f"{iv['mean']:+.3f} [{iv['low']:+.3f}, {iv['high']:+.3f}]"
 
 
@@ -479,7 +481,7 @@ def write_results(task: Task, scope: str, base: Path, opts, files, summary, fail
         lines.append(f"| {label} | {iv['n']} | {fmt_interval(iv)} | {'yes' if beyond(iv) else 'no'} |")
     lines += ["", "Winner: " + verdict(task, summary) + ".", "", f"![plot](quality.png)", ""]
     if failures:
-        lines += ["## Failed runs", ""] + [f"- `{d.name}`: {msg}" for d, msg in failures.items()] + [""]
+        lines += ["## Runs without results", ""] + [f"- `{d.name}`: {msg}" for d, msg in failures.items()] + [""]
     (base / "results.md").write_text("\n".join(lines))
     (base / "results.json").write_text(json.dumps(summary, indent=1, default=_json_default))
 
@@ -604,6 +606,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sec-per-step", type=float, default=None, help="for --dry-run's estimate")
     p.add_argument("--dry-run", action="store_true", help="print the plan, the number of runs and a time estimate")
     p.add_argument("--resume", action="store_true", help="skip runs whose metrics.json exists")
+    p.add_argument("--report-only", action="store_true",
+                   help="start no run: write the reports from the runs already finished (e.g. while they go on)")
     p.add_argument("--keep-adapters", action="store_true", help="keep each run's adapter/ (default: deleted)")
     return p.parse_args(argv)
 
