@@ -617,7 +617,8 @@ def main(argv=None) -> int:
     if opts.dry_run:
         print_plan(opts)
         return 0
-    command = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    given = sys.argv[1:] if argv is None else argv  # without the flags that only say which runs to start
+    command = "python benchmarks/quality.py " + " ".join(a for a in given if a not in ("--resume", "--report-only"))
     done = {}
     for name in opts.tasks:
         for scope in opts.scopes:
