@@ -226,7 +226,7 @@ def test_csv_round_trip_with_split(tmp_path: Path) -> None:
     rows = _rows({"spam": 20, "ham": 30}) + [("ham example number 0", "ham")]  # one duplicate
     f = _write_csv(tmp_path / "train.csv", rows)
     d = D.load_files(f, seed=1)
-    assert d.name == "train" and d.label_names == ["ham", "spam"]
+    assert d.name == tmp_path.name and d.label_names == ["ham", "spam"]  # a generic stem: the folder names it
     assert d.duplicates_dropped == 1
     assert len(d.train_texts) + len(d.eval_texts) == 50
     assert d.class_counts()["eval"] == {"ham": 6, "spam": 4}

@@ -293,7 +293,7 @@ def test_finetune_shakespeare_and_pairs(tiny_dir, tmp_path):
     f.write_text("\n".join(json.dumps({"q": f"Say {w}", "a": w}) for w in "red green blue tech sport one two".split()))
     m = _run(tiny_dir, tmp_path / "pairs", task=None, train_file=str(f), prompt_column="q", response_column="a",
              method="lora", max_eval=None, max_train=None, eval_fraction=0.3)
-    assert m["task"] == "pairs" and m["num_eval"] == 2 and m["eval_exact_match"] is not None
+    assert m["task"] == tmp_path.name and m["num_eval"] == 2 and m["eval_exact_match"] is not None
 
 
 def test_generation_left_padding_matches_single(tiny_dir):

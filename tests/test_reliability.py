@@ -199,7 +199,7 @@ def test_nonfinite_gradient_is_skipped(tiny, tmp_path, monkeypatch):
     ({"stop_after": -1}, "stop_after must be a positive integer"),
     ({"on_nonfinite": "ignore"}, "on_nonfinite must be one of stop, skip"),
     ({"resume": "/a", "output_dir": "/b"}, "differs from resume"),
-    ({"method": "lorra"}, "method must be one of sparsegrad, meprop, lora, full, got 'lorra' (did you mean 'lora'?)"),
+    ({"method": "lorra"}, "method must be one of sparsegrad, lora, meprop, full, got 'lorra' (did you mean 'lora'?)"),
     ({"batch_size": 0}, "batch_size must be a positive integer"),
     ({"max_length": 4}, "max_length must be at least 8"),
     ({"lr": float("nan")}, "lr must be a positive number"),
