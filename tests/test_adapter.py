@@ -1,6 +1,7 @@
 """Adapters: exact reload, fingerprint checks, corrupt files, atomic writes."""
 
 import json
+import os
 import re
 
 import pytest
@@ -78,18 +79,17 @@ def test_save_is_atomic_and_overwrites_cleanly(tmp_path, monkeypatch):
     before = {p.name: p.read_bytes() for p in path.iterdir()}
     train(model)
 
-    import sparsegrad.io as sio
-    real_replace = sio.os.replace
+    real_replace = os.replace
     calls = []
 
     def failing_replace(src, dst):
         calls.append(dst)
         raise OSError("disk full")
 
-    monkeypatch.setattr(sio.os, "replace", failing_replace)
+    monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(OSError):
         sg.save_adapter(model, path)
-    monkeypatch.setattr(sio.os, "replace", real_replace)
+    monkeypatch.setattr(os, "replace", real_replace)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before  # old adapter intact, no temp files
     sg.save_adapter(model, path)
     assert sorted(p.name for p in path.iterdir()) == sorted(before)

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,12 +30,13 @@ from sparsegrad.adapter import config_sha256
 from test_model import converted_bert, train
 
 IO_PATH = Path(sio.__file__)
-# the writer: replaces FINAL by a folder holding a=new, c=new (loads io.py alone: no torch import, ~0.1 s)
+# the writer: replaces FINAL by a folder holding a=new, c=new (loads the io package alone: no torch import, ~0.1 s)
 WRITER = """
 import importlib.util, sys
 from pathlib import Path
 spec = importlib.util.spec_from_file_location("sio", sys.argv[1])
 sio = importlib.util.module_from_spec(spec)
+sys.modules["sio"] = sio  # a package: its modules import each other as sio.*
 spec.loader.exec_module(sio)
 final, owner = Path(sys.argv[2]), sys.argv[3] or None
 if sys.argv[4] == "file":
@@ -244,18 +246,18 @@ def output_dir_read_only(tmp_path):
     if os.geteuid() != 0:
         out.chmod(0o500)
         sio.check_writable(out, "--output-dir")
-    real = sio.tempfile.mkstemp
+    real = tempfile.mkstemp
 
     def refuse(*a, dir=None, **k):  # root ignores permissions: the kernel's answer on a read-only mount
         if Path(dir) == out:
             raise OSError(errno.EROFS, "Read-only file system")
         return real(*a, dir=dir, **k)
 
-    sio.tempfile.mkstemp = refuse
+    tempfile.mkstemp = refuse
     try:
         sio.check_writable(out, "--output-dir")
     finally:
-        sio.tempfile.mkstemp = real
+        tempfile.mkstemp = real
 
 
 def not_enough_space(tmp_path):
@@ -264,16 +266,16 @@ def not_enough_space(tmp_path):
 
 def disk_full_during_a_write(tmp_path):
     (tmp_path / "metrics.json").write_text("old")
-    real = sio.os.fsync
+    real = os.fsync
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    sio.os.fsync = full
+    os.fsync = full
     try:
         sio.atomic_write_json(tmp_path / "metrics.json", {"eval_loss": 1.0})
     finally:
-        sio.os.fsync = real
+        os.fsync = real
 
 
 def disk_full_during_a_folder_write(tmp_path):

@@ -8,11 +8,13 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 
 import sparsegrad.io as sio
+from sparsegrad.io import files, folders, recovery, swap
 from sparsegrad.io import (
     FolderLockedError, NotOursError, NotWritableError, PathRelationError, SafetyError, WriteFailed,
     atomic_directory, atomic_write_bytes, atomic_write_json, check_output_path, check_separate, check_writable,
@@ -54,9 +56,9 @@ def test_swap_uses_rename_exchange_where_the_file_system_has_it(tmp_path, monkey
     if not sio.exchange_supported(tmp_path):
         pytest.skip("this file system has no renameat2(RENAME_EXCHANGE)")
     calls = []
-    real = sio._renameat2
-    monkeypatch.setattr(sio, "_renameat2", lambda a, b, f: calls.append(f) or real(a, b, f))
-    monkeypatch.setattr(sio.os, "rename", lambda *a: pytest.fail(f"plain rename {a} over an existing folder"))
+    real = swap.renameat2
+    monkeypatch.setattr(swap, "renameat2", lambda a, b, f: calls.append(f) or real(a, b, f))
+    monkeypatch.setattr(os, "rename", lambda *a: pytest.fail(f"plain rename {a} over an existing folder"))
     (tmp_path / "out").mkdir()
     with atomic_directory(tmp_path / "out") as tmp:
         (tmp / "x").write_text("new")
@@ -73,10 +75,11 @@ def test_fallback_without_exchange_still_replaces_cleanly(tmp_path, monkeypatch)
 
 def test_every_rename_is_followed_by_an_fsync_of_its_folder(tmp_path, monkeypatch):
     events = []
-    real_replace, real_fsync_dir, real_x = os.replace, sio.fsync_dir, sio._renameat2
-    monkeypatch.setattr(sio.os, "replace", lambda a, b: events.append(("rename", str(b))) or real_replace(a, b))
-    monkeypatch.setattr(sio, "_renameat2", lambda a, b, f: events.append(("rename", str(b))) or real_x(a, b, f))
-    monkeypatch.setattr(sio, "fsync_dir", lambda d: events.append(("fsync", str(d))) or real_fsync_dir(d))
+    real_replace, real_fsync_dir, real_x = os.replace, sio.fsync_dir, swap.renameat2
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", str(b))) or real_replace(a, b))
+    monkeypatch.setattr(swap, "renameat2", lambda a, b, f: events.append(("rename", str(b))) or real_x(a, b, f))
+    for module in (files, folders, recovery, swap):  # every module of the package that renames or fsyncs
+        monkeypatch.setattr(module, "fsync_dir", lambda d: events.append(("fsync", str(d))) or real_fsync_dir(d))
     atomic_write_bytes(tmp_path / "f.bin", b"1")
     (tmp_path / "out").mkdir()
     with atomic_directory(tmp_path / "out") as tmp:
@@ -126,7 +129,7 @@ def test_disk_full_is_one_line_and_leaves_the_old_file(tmp_path, monkeypatch):
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(sio.os, "fsync", full)
+    monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(WriteFailed) as info:
         atomic_write_bytes(target, b"new" * 1000)
     message = str(info.value)
@@ -264,7 +267,7 @@ def test_preflight_writable_and_free_space(tmp_path, monkeypatch):
     def read_only(*a, **k):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(sio.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
     with pytest.raises(NotWritableError, match="cannot be written: the file system is read-only"):
         check_writable(tmp_path, "--output-dir")
 
@@ -355,7 +358,7 @@ def test_a_disk_error_inside_a_folder_write_names_the_file_by_its_final_place(tm
 
     with pytest.raises(WriteFailed) as info:
         with atomic_directory(tmp_path / "adapter") as tmp:
-            monkeypatch.setattr(sio.os, "fsync", full)
+            monkeypatch.setattr(os, "fsync", full)
             atomic_write_bytes(tmp / "adapter_model.safetensors", b"w")
     monkeypatch.undo()
     assert str(info.value).startswith(f"cannot write {tmp_path / 'adapter' / 'adapter_model.safetensors'}: the disk")
