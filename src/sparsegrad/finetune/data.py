@@ -174,7 +174,7 @@ def _by_class(indices: Sequence[int], labels: Sequence[int]) -> dict[int, list[i
     return {y: groups[y] for y in sorted(groups)}
 
 
-def _shuffled_by_class(
+def shuffled_by_class(
     indices: Sequence[int], labels: Sequence[int], rng: random.Random
 ) -> dict[int, list[int]]:
     """Like :func:`_by_class`, then each class's list shuffled by ``rng`` (classes in id order)."""
@@ -224,7 +224,7 @@ def _allocate(sizes: list[int], n: int) -> list[int]:
     return alloc
 
 
-def _take(groups: dict[int, list[int]], n: int | None) -> list[int]:
+def take_stratified(groups: dict[int, list[int]], n: int | None) -> list[int]:
     """A stratified subset of at most ``n`` indices (the first ones of each class list), sorted."""
     keys = list(groups)
     sizes = [len(groups[y]) for y in keys]
@@ -242,9 +242,9 @@ def stratified_split(
     Returns sorted ``(train_indices, eval_indices)``.
     """
     _check_fraction(eval_fraction)
-    groups = _shuffled_by_class(range(len(labels)), labels, random.Random(seed))
+    groups = shuffled_by_class(range(len(labels)), labels, random.Random(seed))
     train, evals = _split_groups(groups, eval_fraction)
-    return _take(train, None), _take(evals, None)
+    return take_stratified(train, None), take_stratified(evals, None)
 
 
 def _dedupe(texts: Sequence[str], labels: Sequence[int]) -> tuple[list[str], list[int], int]:
@@ -289,9 +289,9 @@ def _assemble(
     texts, labels, dropped = _dedupe(texts, labels)
     _check_classes(name, labels, label_names, "the data (after dropping duplicates)")
     rng = random.Random(seed)
-    groups = _shuffled_by_class(range(len(labels)), labels, rng)
+    groups = shuffled_by_class(range(len(labels)), labels, rng)
     train_g, eval_g = _split_groups(groups, eval_fraction)
-    tr, ev = _take(train_g, max_train), _take(eval_g, max_eval)
+    tr, ev = take_stratified(train_g, max_train), take_stratified(eval_g, max_eval)
     if not ev:
         raise ValueError(
             f"{name}: the eval split is empty ({len(texts)} unique texts, eval_fraction={eval_fraction}); "
@@ -633,8 +633,8 @@ def load_files(
         raise ValueError(f"eval file {eval_file}: every eval text also occurs in the training file")
     eval_t, eval_y = [eval_t[i] for i in keep], [eval_y[i] for i in keep]
     rng = random.Random(seed)
-    tr = _take(_shuffled_by_class(range(len(train_y)), train_y, rng), max_train)
-    ev = _take(_shuffled_by_class(range(len(eval_y)), eval_y, rng), max_eval)
+    tr = take_stratified(shuffled_by_class(range(len(train_y)), train_y, rng), max_train)
+    ev = take_stratified(shuffled_by_class(range(len(eval_y)), eval_y, rng), max_eval)
     return TextClassificationData(
         train_texts=[train_t[i] for i in tr],
         train_labels=[train_y[i] for i in tr],

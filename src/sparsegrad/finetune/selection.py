@@ -50,8 +50,8 @@ def carve_classification(train_texts: list[str], train_labels: list[int], spare_
     n_val = val_size(len(train_labels), fraction, n_classes)
     rng = random.Random(f"sparsegrad-val:{seed}")
     if len(spare_labels) >= n_val and len(set(spare_labels)) == n_classes:
-        groups = D._shuffled_by_class(range(len(spare_labels)), spare_labels, rng)
-        keep = D._take(groups, n_val)
+        groups = D.shuffled_by_class(range(len(spare_labels)), spare_labels, rng)
+        keep = D.take_stratified(groups, n_val)
         return (train_texts, train_labels, [spare_texts[i] for i in keep], [spare_labels[i] for i in keep], "spare")
     tr, va = D.stratified_split(train_labels, fraction, seed=rng.randrange(2**32))
     return ([train_texts[i] for i in tr], [train_labels[i] for i in tr], [train_texts[i] for i in va],
