@@ -29,6 +29,7 @@ from torch import nn
 
 from .bases import SparseGradBases, check_orthogonal
 from .config import SparseGradConfig
+from .delta import check_delta, restore_delta
 from .io import atomic_write_bytes, read_json_object, read_safetensors, sha256_bytes, tensors_sha256
 from .model import CONFIG_ATTR, PRETRAINED_HASH_ATTR, get_sparsegrad_model, sparsegrad_layers
 from .targets import find_targets
@@ -38,43 +39,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "sparsegrad-adapter"
 VERSION = 2  # written only when there are folded segments; an adapter without them stays version 1
 VERSIONS = (1, 2)
-
-
-INDEX_DTYPES = (torch.int32, torch.int64)
-
-
-def check_delta(name: str, indices: torch.Tensor | None, values: torch.Tensor | None, where: str,
-                shape: tuple[int, int] | list[int] | None = None) -> None:
-    """One SparseGrad layer's saved delta: integer 1-D indices, strictly increasing (and inside ``shape`` when
-    given); finite floating-point 1-D values, as many. No indices at all is a fixed support still pending.
-    Raises ValueError naming ``where`` and the tensor."""
-    if indices is None or values is None:
-        raise ValueError(f"{where} lacks the delta of {name} (delta_indices / delta_values)")
-    if indices.dtype not in INDEX_DTYPES:
-        raise ValueError(f"{where}: {name}.delta_indices is {indices.dtype}; indices must be int32 or int64 (the "
-                         "file was not written by sparsegrad or was edited)")
-    if not values.is_floating_point():
-        raise ValueError(f"{where}: {name}.delta_values is {values.dtype}; values must be floating point")
-    if indices.dim() != 1 or values.dim() != 1:
-        raise ValueError(f"{where}: {name} delta must be 1-D, got indices {tuple(indices.shape)} and values "
-                         f"{tuple(values.shape)}")
-    if indices.numel() and indices.numel() != values.numel():
-        raise ValueError(f"{where}: {name} has {indices.numel()} delta indices for {values.numel()} values")
-    if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
-        raise ValueError(f"{where}: {name}.delta_indices are not strictly increasing (unsorted or repeated "
-                         "entries); the file is damaged")
-    if shape is not None and indices.numel() and (int(indices[0]) < 0 or int(indices[-1]) >= shape[0] * shape[1]):
-        raise ValueError(f"{where}: {name}.delta_indices fall outside its {shape[0]}x{shape[1]} matrix")
-    if not bool(torch.isfinite(values).all()):
-        raise ValueError(f"{where}: {name}.delta_values hold NaN or inf; the adapter is unusable (retrain with a "
-                         "lower learning rate)")
-
-
-def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Every floating-point tensor is finite, or a ValueError names the first few that are not."""
-    bad = [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:
-        raise ValueError(f"{where}: {bad[:3]} hold NaN or inf; the file is unusable")
 
 
 def check_adapter_tensors(meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> None:
@@ -389,27 +353,19 @@ def load_adapter(base_model: nn.Module, path: str | Path, *, bases: SparseGradBa
                 raise ValueError(f"adapter weights lack the bases of kind {kind!r}") from None
         bases = SparseGradBases(factors=factors)
     get_sparsegrad_model(base_model, config, bases)
-    state: dict[str, torch.Tensor] = {}
-    for name in layers:  # contents checked by read_adapter
-        state[f"{name}.delta_indices"] = tensors[f"{name}.delta_indices"]
-        state[f"{name}.delta_values"] = tensors[f"{name}.delta_values"].float()
-    for name in meta["trainable_params"]:
-        state[name] = tensors[name]
     segments = meta.get("folded_segments", 0)
-    with torch.no_grad():
-        layer_map = sparsegrad_layers(base_model)
-        for name, layer in layer_map.items():
-            if segments:
+    if segments:  # the frozen weights first: the live delta is restored on top of the replayed segments
+        with torch.no_grad():
+            for name, layer in sparsegrad_layers(base_model).items():
                 layer.replay_folded([
                     {"u_out": tensors[f"folded/{s}/bases/u_out/{layer.kind}"].float(),
                      "u_in": tensors[f"folded/{s}/bases/u_in/{layer.kind}"].float(),
                      "indices": tensors[f"folded/{s}/{name}.delta_indices"],
                      "values": tensors[f"folded/{s}/{name}.delta_values"].float()} for s in range(segments)])
-            _load_delta(layer, state.pop(f"{name}.delta_indices"), state.pop(f"{name}.delta_values"), name)
-        if segments:
-            setattr(base_model, PRETRAINED_HASH_ATTR, fingerprint["target_weights_sha256"])
-        for name, value in state.items():
-            params[name].copy_(value.to(params[name].dtype))
+        setattr(base_model, PRETRAINED_HASH_ATTR, fingerprint["target_weights_sha256"])
+    trained = [*(f"{name}.{part}" for name in layers for part in ("delta_indices", "delta_values")),
+               *meta["trainable_params"]]
+    restore_delta(base_model, {name: tensors[name] for name in trained}, str(Path(path) / WEIGHTS_NAME))
     check_finite_weights(base_model, f"the model loaded with the adapter {path}")
     return base_model
 
@@ -445,19 +401,3 @@ def _check_base_dtype(targets: dict[str, nn.Module], layers: dict[str, Any]) -> 
             wanted = saved.removeprefix("torch.")
             raise ValueError(f"the base model is {now.removeprefix('torch.')} but the adapter was trained on "
                              f"{wanted} weights ({name}): load the base with torch_dtype=torch.{wanted}")
-
-
-def _load_delta(layer, indices: torch.Tensor, values: torch.Tensor, name: str) -> None:
-    # dtypes, order, range and finiteness were checked by read_adapter (check_adapter_tensors)
-    if layer.support == "fixed" and indices.numel() not in (0, layer.k):
-        raise ValueError(f"adapter delta of {name} has {indices.numel()} entries, its fixed support needs {layer.k}")
-    device = layer.weight.device
-    indices = indices.to(layer.index_dtype)
-    if layer.support == "fixed" and indices.numel() == 0:  # saved before its first step: support still pending
-        values = torch.zeros(layer.k)
-    layer.delta_indices = indices.to(device)
-    if isinstance(layer.delta_values, nn.Parameter):
-        layer.delta_values.data = values.to(device)
-    else:
-        layer.delta_values = values.to(device)
-    layer.sync_weight(force=True)

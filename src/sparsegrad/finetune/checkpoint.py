@@ -38,6 +38,7 @@ from torch import nn
 
 import sparsegrad as sg
 import sparsegrad.io as sio
+from sparsegrad.delta import restore_delta
 from sparsegrad.io import atomic_write_bytes, read_safetensors
 
 CHECKPOINTS = "checkpoints"
@@ -74,31 +75,13 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-@torch.no_grad()
 def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Load `trainable_state` tensors back into a model set up the same way; every tensor must find its place."""
-    from sparsegrad.adapter import check_delta, check_finite
-
+    """Load `trainable_state` tensors back into a model set up the same way (`sparsegrad.delta.restore_delta`:
+    every tensor must find its place); a refusal is a `CheckpointError`."""
     try:
-        for name in sg.sparsegrad_layers(model):
-            check_delta(name, tensors.get(f"{name}.delta_indices"), tensors.get(f"{name}.delta_values"), where)
-        check_finite(tensors, where)
+        restore_delta(model, tensors, where)
     except ValueError as exc:
         raise CheckpointError(str(exc)) from None
-    own = model.state_dict(keep_vars=True)
-    unknown = sorted(set(tensors) - set(own))
-    if unknown:
-        raise CheckpointError(f"{where} holds tensors the model lacks ({unknown[:3]}): it was written for another "
-                              "model or method")
-    for name, value in tensors.items():
-        target = own[name]
-        if not name.endswith((".delta_indices", ".delta_values")) and tuple(target.shape) != tuple(value.shape):
-            raise CheckpointError(f"{where}: {name} is {tuple(value.shape)}, the model has {tuple(target.shape)}")
-    result = model.load_state_dict(tensors, strict=False)
-    if result.unexpected_keys:  # pragma: no cover - caught above
-        raise CheckpointError(f"{where} holds tensors the model lacks: {result.unexpected_keys[:3]}")
-    for layer in sg.sparsegrad_layers(model).values():
-        layer.sync_weight(force=True)
 
 
 def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:

@@ -49,6 +49,7 @@ from transformers import Trainer, TrainerCallback
 
 import sparsegrad as sg
 from sparsegrad.adapter import CONFIG_NAME, FORMAT
+from sparsegrad.delta import restore_delta
 
 ADAPTER_SUBFOLDER = "sparsegrad_adapter"
 TRAINING_ARGS_NAME = "training_args.bin"
@@ -73,47 +74,22 @@ def is_sparsegrad_adapter(path: str | os.PathLike) -> bool:
         return False
 
 
-@torch.no_grad()
 def restore_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a SparseGrad adapter into an *already converted* model (for resuming): each layer's delta and bases,
-    and the other trained parameters. Checks that the adapter's layers are the model's."""
+    and the other trained parameters (`sparsegrad.delta.restore_delta`, which checks that they fit the model)."""
     model = _unwrap(model)
     meta, tensors = sg.read_adapter(path)
     if meta.get("folded_segments", 0):  # the frozen weights would need the segments replayed onto the pretrained ones
         raise ValueError(f"adapter {path} holds {meta['folded_segments']} basis refresh(es) (folded segments): "
                          "restoring it into a converted model mid-run is not supported; load it onto a fresh base "
                          "model with sg.load_adapter")
-    layers = sg.sparsegrad_layers(model)
-    if set(layers) != set(meta["layers"]):
-        missing = sorted(set(meta["layers"]) - set(layers))[:3]
-        extra = sorted(set(layers) - set(meta["layers"]))[:3]
-        raise ValueError(f"adapter {path} does not fit the model: layers missing {missing}, unexpected {extra}")
-    state: dict[str, torch.Tensor] = {}
-    for name, info in meta["layers"].items():
-        state[f"{name}.delta_indices"] = tensors[f"{name}.delta_indices"].long()
-        state[f"{name}.delta_values"] = tensors[f"{name}.delta_values"].float()
-    for name in meta["trainable_params"]:
-        state[name] = tensors[name]
-    result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        raise ValueError(f"adapter {path} holds tensors the model lacks: {result.unexpected_keys[:3]}")
-    if not meta["identity_basis"]:  # the bases are non-persistent buffers shared by a kind: set them directly
-        shared: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for name, info in meta["layers"].items():
-            layer, kind = layers[name], info["kind"]
-            if kind not in shared:
-                u_out, u_in = tensors[f"bases/u_out/{kind}"], tensors[f"bases/u_in/{kind}"]
-                if u_out.shape != layer.u_out.shape or u_in.shape != layer.u_in.shape:
-                    raise ValueError(f"adapter {path}: bases of kind {kind!r} are {tuple(u_out.shape)} and "
-                                     f"{tuple(u_in.shape)}, the model's {name} needs {tuple(layer.u_out.shape)} and "
-                                     f"{tuple(layer.u_in.shape)}")
-                device = layer.u_out.device
-                shared[kind] = (u_out.to(device, torch.float32).contiguous(),
-                                u_in.to(device, torch.float32).contiguous())
-            layer.u_out, layer.u_in = shared[kind]
-    for layer in layers.values():
-        layer.sync_weight(force=True)
-    return model
+    trained = [*(f"{name}.{part}" for name in meta["layers"] for part in ("delta_indices", "delta_values")),
+               *meta["trainable_params"]]
+    kinds = {info["kind"] for info in meta["layers"].values()}
+    bases = None if meta["identity_basis"] else {
+        kind: (tensors[f"bases/u_out/{kind}"], tensors[f"bases/u_in/{kind}"])
+        for kind in kinds if f"bases/u_out/{kind}" in tensors and f"bases/u_in/{kind}" in tensors}
+    return restore_delta(model, {name: tensors[name] for name in trained}, f"adapter {path}", bases=bases)
 
 
 class SparseGradTrainer(Trainer):

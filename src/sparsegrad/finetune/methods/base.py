@@ -316,7 +316,7 @@ def write_files(folder: Path, files: dict[str, bytes]) -> None:
 
 def load_named(model: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
     """Copy saved parameters (by name) into ``model``; unknown names, shape mismatches and NaN/inf are refused."""
-    from sparsegrad.adapter import check_finite
+    from sparsegrad.delta import check_finite
 
     params = dict(model.named_parameters())
     unknown = sorted(set(tensors) - set(params))
