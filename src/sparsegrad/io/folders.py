@@ -13,7 +13,7 @@ from .errors import NotOursError, disk_errors
 from .faults import fault_point
 from .fs import fsync_dir, fsync_tree, umask
 from .markers import SWAP_MARKER_NAME
-from .ownership import foreign_entries, is_ours, mark_ours
+from .ownership import is_ours, mark_ours, refuse_foreign
 from .recovery import recover_leftovers
 from .swap import remove_folder, swap_in, swap_marker, write_small
 
@@ -83,7 +83,4 @@ def _check_replaceable(final: Path, owner: str | None) -> None:
     if not is_ours(final, owner):
         raise NotOursError(f"refusing to replace {final}: sparsegrad did not write it as a {owner!r} folder (no "
                            "marker of that kind); choose another path or move it away")
-    foreign = foreign_entries(final)
-    if foreign:
-        raise NotOursError(f"refusing to replace {final}: it holds files sparsegrad did not write "
-                           f"({', '.join(foreign[:5])}); move them away first")
+    refuse_foreign(final, "replace")

@@ -143,11 +143,17 @@ def remove_ours(folder: str | os.PathLike, kind: str | None = None) -> None:
     if marker is None or (kind is not None and marker.get("kind") != kind):
         what = "it has no sparsegrad marker" if marker is None else f"it is a {marker.get('kind')} folder"
         raise NotOursError(f"refusing to delete {folder}: {what}, so sparsegrad cannot prove it wrote it")
+    refuse_foreign(folder, "delete")
+    _remove_marked_tree(folder)
+
+
+def refuse_foreign(folder: Path, doing: str) -> None:
+    """`NotOursError` naming the first few `foreign_entries` of ``folder``, if any: sparsegrad will not ``doing``
+    (delete, replace) a folder holding files it did not write."""
     foreign = foreign_entries(folder)
     if foreign:
-        raise NotOursError(f"refusing to delete {folder}: it holds files sparsegrad did not write "
+        raise NotOursError(f"refusing to {doing} {folder}: it holds files sparsegrad did not write "
                            f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); move them away first")
-    _remove_marked_tree(folder)
 
 
 def _remove_marked_tree(folder: Path) -> None:
