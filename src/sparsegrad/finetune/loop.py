@@ -119,13 +119,27 @@ def checked_run_folder(cfg: FinetuneConfig, ctx: DistContext, log):
                       need_bytes=estimate_run_bytes(cfg.model, METHODS[cfg.method], cfg.save_every), log=log)
 
 
+@dataclass
+class Setup:
+    """What a run is set up with and keeps while it trains (the helpers of `train_in` read it)."""
+
+    cfg: FinetuneConfig
+    ctx: DistContext
+    task: Task
+    method: Method
+    precision: Precision
+    plan: Plan
+    layers: list[int] | None
+    lr: float
+    out_dir: Path
+    log: Callable[..., None]
+
+
 def train_in(cfg: FinetuneConfig, ctx: DistContext, out_dir: Path, probe: bool = False) -> dict[str, Any]:
     main = ctx.is_main
     log = print if cfg.verbose and main else (lambda *a, **k: None)
     task, method = task_for(cfg), METHODS[cfg.method]
-    device = pick_device(cfg.device, ctx)
-    precision = Precision.of(cfg.dtype, device)
-    lr = cfg.resolved_lr()
+    precision = Precision.of(cfg.dtype, pick_device(cfg.device, ctx))
     resume = load_resume(cfg, ctx.world, method) if cfg.resume is not None else None
     if cfg.refresh_every is not None and ctx.world > 1:
         raise UsageError("--refresh-every trains in one process for now: start it without torchrun")
@@ -135,17 +149,15 @@ def train_in(cfg: FinetuneConfig, ctx: DistContext, out_dir: Path, probe: bool =
     seed_everything(cfg.seed)
     model, _ = task.load(cfg, precision.weights)
     log(task.summary())
-    if device.type != "cpu":
-        model.to(device)
+    if precision.device.type != "cpu":
+        model.to(precision.device)
     with usage_errors():
         layers = cfg.layers_to_transform or block_indices(model, cfg.every_nth_block)
 
     # 2. Batches: one batch is one optimizer step of batch_size x processes x grad_accum examples, in a seeded
     #    order per epoch, cut into this rank's micro-batches in the loop.
-    plan = Plan.of(cfg, task.num_train, ctx.world)
-    if probe:
-        plan = Plan.of(dataclasses.replace(cfg, max_steps=lr_search.probe_steps(plan.total_steps)), task.num_train,
-                       ctx.world)
+    plan = Plan.of(cfg, task.num_train, ctx.world, probe)
+    run_setup = Setup(cfg, ctx, task, method, precision, plan, layers, cfg.resolved_lr(), out_dir, log)
     selection = Selection.of(cfg, task, plan.steps_per_epoch, plan.total_steps)
     first_epoch = task.train_batches(0, plan.global_batch)
 
@@ -153,30 +165,21 @@ def train_in(cfg: FinetuneConfig, ctx: DistContext, out_dir: Path, probe: bool =
     model.train()
     prepared = prepare(model, method, task, cfg, ctx, precision, layers, first_epoch, resume)
     model = prepared.model
-    log(prepared.description + (f"; blocks {layers}" if layers is not None else ""))
-    log(f"trainable entries per step: {prepared.trainable_entries:,d} of {prepared.total_params:,d} "
-        f"({100 * prepared.trainable_entries / prepared.total_params:.4f}%)")
-    if ctx.enabled or cfg.grad_accum > 1:
-        log(f"global batch {plan.global_batch} = {cfg.batch_size} per micro-batch x {ctx.world} process(es) x "
-            f"{cfg.grad_accum} micro-batch(es) per step")
+    log_setup(run_setup, prepared)
 
     # 4. Seeds again (the same dropout stream for every method from here on: calibration and LoRA's init drew from
     #    the RNG), the method's starting point, optimizer (AdamW, lazy sparse Adam for dynamic SparseGrad weights).
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     snapshot = method.snapshot(prepared)
-    optimizer = sg.create_optimizer(model, lr=lr, weight_decay=cfg.weight_decay)
+    optimizer = sg.create_optimizer(model, lr=run_setup.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(plan.total_steps, plan.warmup_steps))
 
     # 5. Where to start: a fresh run, or the checkpoint's trained state, optimizer, schedule, RNG and position.
     run = RunState(calibration_time_s=prepared.calibration_time_s)
     guard = DivergenceGuard()
     if resume is not None:
-        run.restore(resume, model, optimizer, scheduler, ctx.rank)
-        guard.replay(run.losses)  # skipped steps are NaN: the guard ignores them
-        log(f"resuming from {resume.path}: step {run.step} of {plan.total_steps}")
-        if selection is not None:
-            selection.restore(resume.state.get("selection"), resume.best_state)
+        resume_run(run_setup, resume, run, guard, selection, model, optimizer, scheduler)
     net = wrap_ddp(model, ctx)
     trainable = [p for p in model.parameters() if p.requires_grad]
     faults = FaultInjection.from_env()
@@ -195,29 +198,17 @@ def train_in(cfg: FinetuneConfig, ctx: DistContext, out_dir: Path, probe: bool =
     net.train()
     with StopSignals(verbose=main) as signals:
         for batches, position in plan.positions(run.step, first_epoch, task.train_batches):
-            seconds = method.on_step(run.step, prepared, batches[position:], optimizer, cfg)
-            if seconds is not None:
-                run.refreshes[run.step] = seconds
-                if selection is not None:
-                    selection.forget_best()
+            refresh(run_setup, run, prepared, batches[position:], optimizer, selection)
             t0 = time.perf_counter()
             step_lr = optimizer.param_groups[0]["lr"]
             step_loss, loss_bad, grad_bad = forward_backward(net, batches[position], task, cfg, ctx, precision,
                                                              faults, run.step + 1, trainable)
             if loss_bad or grad_bad:
-                what = f"training loss is {step_loss}" if loss_bad else "a gradient is not finite (NaN or inf)"
-                if cfg.on_nonfinite == "stop":
-                    bar.close()
-                    raise diverged(what, run.step + 1, lr, out_dir, ctx.world)
-                if main:
-                    print(f"sparsegrad: warning: {what} at step {run.step + 1}: step skipped (no update)",
-                          file=sys.stderr, flush=True)
-                run.skipped.append(run.step + 1)
-                step_loss = math.nan
+                step_loss = skip_nonfinite_step(run_setup, run, bar, loss_bad, step_loss)  # or stop the run
             else:
                 optimizer.step()
                 if guard.observe(run.step + 1, step_loss):
-                    run.divergence = check_divergence(guard, step_loss, cfg, lr, out_dir, ctx, bar)
+                    run.divergence = check_divergence(run_setup, guard, step_loss, bar)
             if run.step == plan.total_steps - 1:  # exact training state at the last step (before zero_grad)
                 run.state_bytes = sg.training_state_bytes(model, optimizer)
             scheduler.step()
@@ -226,20 +217,9 @@ def train_in(cfg: FinetuneConfig, ctx: DistContext, out_dir: Path, probe: bool =
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{step_lr:.2e}")
             bar.update(1)
             faults.maybe_signal(run.step, ctx.rank)
-            if selection is not None and selection.due(run.step) and \
-                    selection.observe(run.step, validate(task, model, precision), model):
-                log(f"early stop at step {run.step}: no better validation {selection.metric} in "
-                    f"{selection.patience} evaluations (best at step {selection.best_step})")
+            if validation_says_stop(run_setup, run, selection, model):
                 break
-            stop = signals.requested
-            if ctx.enabled:  # every rank stops at the same step
-                stop = ctx.all_sum([float(stop)])[0] > 0
-            if stop or (cfg.stop_after is not None and run.step == cfg.stop_after < plan.total_steps):
-                bar.close()
-                raise interrupted(checkpoint("signal" if stop else "stop_after"), signals.signum if stop else None,
-                                  run.step, plan.total_steps, out_dir, ctx.world)
-            if cfg.save_every and run.step % cfg.save_every == 0:
-                checkpoint("save_every")
+            stop_or_save(run_setup, run, signals, bar, checkpoint)
     bar.close()
     run.stop_clock()
     if selection is not None:
@@ -251,54 +231,140 @@ def train_in(cfg: FinetuneConfig, ctx: DistContext, out_dir: Path, probe: bool =
 
     # 7. Evaluation (rank 0, eval mode, no grad, on the device) and files: adapter (+ task.json), loss.csv,
     #    metrics.json. Nothing with a non-finite value is written.
-    peak_rss = ctx.gather(M.peak_rss_mb()) if not main else None
-    metrics: dict[str, Any] | None = None
-    if main:
-        eval_start = time.perf_counter()
-        with precision.autocast():
-            quality = task.evaluate(model)
-        eval_time = time.perf_counter() - eval_start
-        bad = nonfinite_tensors(trainable_state(model))
-        if len(run.skipped) == run.step:
-            write_json(out_dir / "metrics.json", {"method": cfg.method, "task": task.name, **quality,
-                                                  **run_record(cfg, ctx, plan, prepared, run, lr, layers, precision),
-                                                  "adapter_bytes": None, "output_dir": str(out_dir)})
-            raise TrainingDiverged(f"every one of the {run.step} steps was skipped (--on-nonfinite skip): nothing "
-                                   f"trained, no adapter written (metrics.json records the run); lower the learning "
-                                   f"rate (now {lr:g}) or check the data")
-        if bad:
-            raise TrainingDiverged(f"the trained parameters hold non-finite values ({bad[:3]}): no adapter written; "
-                                   f"lower the learning rate (now {lr:g})")
-        task_info = {"format": "sparsegrad-finetune-task", "method": cfg.method, "model": cfg.model or task.default_model,
-                     "task": task.name, **task.task_info(), "dtype": str(precision.weights).removeprefix("torch."),
-                     "train_scope": cfg.train_scope, "support": cfg.support,
-                     "max_length": cfg.max_length, "every_nth_block": cfg.every_nth_block,
-                     "layers_to_transform": layers, "lora_rank": prepared.lora_rank, "lora_alpha": prepared.lora_alpha,
-                     "target_modules": prepared.config.target_modules if prepared.config else None}
-        adapter_bytes = save_trained(prepared, method, out_dir / "adapter", task_info)
-        write_loss_csv(out_dir / "loss.csv", run.losses)
-        peak_rss = ctx.gather(M.peak_rss_mb())
-        metrics = {
-            "method": cfg.method, "task": task.name, "seed": cfg.seed, "model": cfg.model or task.default_model,
-            **quality,
-            **run_metrics(selection, task.kind, quality, cfg.val_fraction),
-            "lr_search": lr_search.read_record(out_dir) if cfg.lr_auto else None,
-            **run_record(cfg, ctx, plan, prepared, run, lr, layers, precision),
-            **task.describe(),
-            "entries_updated": method.entries_updated(prepared, snapshot),
-            "mlp_entries": sum(w.numel() for w in mlp_matrices(model, prepared.target_names).values()),
-            "adapter_bytes": adapter_bytes,
-            "eval_time_s": eval_time,
-            "wall_time_s": time.perf_counter() - wall_start,
-            "peak_rss_mb": peak_rss[0],
-            "peak_rss_mb_per_rank": peak_rss,
-            "peak_gpu_memory_mb": peak_gpu_memory_mb(device),
-            "resumed_from_step": resume.step if resume is not None else None,
-            "output_dir": str(out_dir),
-            "command": cfg.command,
-        }
-        write_json(out_dir / "metrics.json", metrics)
+    if not main:
+        ctx.gather(M.peak_rss_mb())
+        return ctx.broadcast(None)
+    metrics = evaluate_and_write(run_setup, prepared, run, selection, snapshot, resume, wall_start)
     return ctx.broadcast(metrics)
+
+
+# ------------------------------------------------------------------------------------------------- loop hooks
+def log_setup(s: Setup, prepared: Prepared) -> None:
+    """The lines that say what trains, and how big a step is."""
+    s.log(prepared.description + (f"; blocks {s.layers}" if s.layers is not None else ""))
+    s.log(f"trainable entries per step: {prepared.trainable_entries:,d} of {prepared.total_params:,d} "
+          f"({100 * prepared.trainable_entries / prepared.total_params:.4f}%)")
+    if s.ctx.enabled or s.cfg.grad_accum > 1:
+        s.log(f"global batch {s.plan.global_batch} = {s.cfg.batch_size} per micro-batch x {s.ctx.world} process(es) "
+              f"x {s.cfg.grad_accum} micro-batch(es) per step")
+
+
+def resume_run(s: Setup, resume, run: RunState, guard: DivergenceGuard, selection: Selection | None, model,
+               optimizer, scheduler) -> None:
+    """Continue from a checkpoint: trained state, optimizer, schedule, RNG, position, loss history, selection."""
+    run.restore(resume, model, optimizer, scheduler, s.ctx.rank)
+    guard.replay(run.losses)  # skipped steps are NaN: the guard ignores them
+    s.log(f"resuming from {resume.path}: step {run.step} of {s.plan.total_steps}")
+    if selection is not None:
+        selection.restore(resume.state.get("selection"), resume.best_state)
+
+
+def refresh(s: Setup, run: RunState, prepared: Prepared, next_batches: list, optimizer,
+            selection: Selection | None) -> None:
+    """The method's hook before a step (SparseGrad's basis refresh); a refresh folds the delta away, so the best
+    validation state so far cannot be restored after it."""
+    seconds = s.method.on_step(run.step, prepared, next_batches, optimizer, s.cfg)
+    if seconds is not None:
+        run.refreshes[run.step] = seconds
+        if selection is not None:
+            selection.forget_best()
+
+
+def skip_nonfinite_step(s: Setup, run: RunState, bar, loss_bad: bool, loss: float) -> float:
+    """A non-finite loss or gradient: ``--on-nonfinite stop`` raises `TrainingDiverged`; ``skip`` warns, records
+    the step as skipped (no update) and returns its loss, NaN."""
+    what = f"training loss is {loss}" if loss_bad else "a gradient is not finite (NaN or inf)"
+    if s.cfg.on_nonfinite == "stop":
+        bar.close()
+        raise diverged(what, run.step + 1, s.lr, s.out_dir, s.ctx.world)
+    if s.ctx.is_main:
+        print(f"sparsegrad: warning: {what} at step {run.step + 1}: step skipped (no update)", file=sys.stderr,
+              flush=True)
+    run.skipped.append(run.step + 1)
+    return math.nan
+
+
+def validation_says_stop(s: Setup, run: RunState, selection: Selection | None, model) -> bool:
+    """Evaluate on the validation split when due; whether early stopping ends the run here."""
+    if selection is None or not selection.due(run.step):
+        return False
+    if not selection.observe(run.step, validate(s.task, model, s.precision), model):
+        return False
+    s.log(f"early stop at step {run.step}: no better validation {selection.metric} in {selection.patience} "
+          f"evaluations (best at step {selection.best_step})")
+    return True
+
+
+def stop_or_save(s: Setup, run: RunState, signals: StopSignals, bar, checkpoint: Callable[[str], Path]) -> None:
+    """After a step: a stop signal (on any rank) or ``stop_after`` saves a checkpoint and raises
+    `TrainingInterrupted`; ``save_every`` saves one and goes on."""
+    stop = signals.requested
+    if s.ctx.enabled:  # every rank stops at the same step
+        stop = s.ctx.all_sum([float(stop)])[0] > 0
+    if stop or (s.cfg.stop_after is not None and run.step == s.cfg.stop_after < s.plan.total_steps):
+        bar.close()
+        raise interrupted(checkpoint("signal" if stop else "stop_after"), signals.signum if stop else None,
+                          run.step, s.plan.total_steps, s.out_dir, s.ctx.world)
+    if s.cfg.save_every and run.step % s.cfg.save_every == 0:
+        checkpoint("save_every")
+
+
+# ------------------------------------------------------------------------------------------------- the end
+def evaluate_and_write(s: Setup, prepared: Prepared, run: RunState, selection: Selection | None, snapshot,
+                       resume, wall_start: float) -> dict[str, Any]:
+    """Rank 0: evaluate, refuse a run that trained nothing or diverged, write the adapter (+ task.json), loss.csv
+    and metrics.json; returns the metrics. The other ranks only gather their peak RSS."""
+    cfg, task, method, model = s.cfg, s.task, s.method, prepared.model
+    eval_start = time.perf_counter()
+    with s.precision.autocast():
+        quality = task.evaluate(model)
+    eval_time = time.perf_counter() - eval_start
+    bad = nonfinite_tensors(trainable_state(model))
+    if len(run.skipped) == run.step:
+        write_json(s.out_dir / "metrics.json", {"method": cfg.method, "task": task.name, **quality,
+                                                **run_record(s, prepared, run), "adapter_bytes": None,
+                                                "output_dir": str(s.out_dir)})
+        raise TrainingDiverged(f"every one of the {run.step} steps was skipped (--on-nonfinite skip): nothing "
+                               f"trained, no adapter written (metrics.json records the run); lower the learning "
+                               f"rate (now {s.lr:g}) or check the data")
+    if bad:
+        raise TrainingDiverged(f"the trained parameters hold non-finite values ({bad[:3]}): no adapter written; "
+                               f"lower the learning rate (now {s.lr:g})")
+    adapter_bytes = save_trained(prepared, method, s.out_dir / "adapter", task_record(s, prepared))
+    write_loss_csv(s.out_dir / "loss.csv", run.losses)
+    peak_rss = s.ctx.gather(M.peak_rss_mb())
+    metrics = {
+        "method": cfg.method, "task": task.name, "seed": cfg.seed, "model": cfg.model or task.default_model,
+        **quality,
+        **run_metrics(selection, task.kind, quality, cfg.val_fraction),
+        "lr_search": lr_search.read_record(s.out_dir) if cfg.lr_auto else None,
+        **run_record(s, prepared, run),
+        **task.describe(),
+        "entries_updated": method.entries_updated(prepared, snapshot),
+        "mlp_entries": sum(w.numel() for w in mlp_matrices(model, prepared.target_names).values()),
+        "adapter_bytes": adapter_bytes,
+        "eval_time_s": eval_time,
+        "wall_time_s": time.perf_counter() - wall_start,
+        "peak_rss_mb": peak_rss[0],
+        "peak_rss_mb_per_rank": peak_rss,
+        "peak_gpu_memory_mb": peak_gpu_memory_mb(s.precision.device),
+        "resumed_from_step": resume.step if resume is not None else None,
+        "output_dir": str(s.out_dir),
+        "command": cfg.command,
+    }
+    write_json(s.out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def task_record(s: Setup, prepared: Prepared) -> dict[str, Any]:
+    """``task.json`` beside the adapter: what `load_finetuned` needs to rebuild the model."""
+    cfg = s.cfg
+    return {"format": "sparsegrad-finetune-task", "method": cfg.method, "model": cfg.model or s.task.default_model,
+            "task": s.task.name, **s.task.task_info(), "dtype": str(s.precision.weights).removeprefix("torch."),
+            "train_scope": cfg.train_scope, "support": cfg.support,
+            "max_length": cfg.max_length, "every_nth_block": cfg.every_nth_block,
+            "layers_to_transform": s.layers, "lora_rank": prepared.lora_rank, "lora_alpha": prepared.lora_alpha,
+            "target_modules": prepared.config.target_modules if prepared.config else None}
 
 
 # ------------------------------------------------------------------------------------------------- the plan
@@ -313,13 +379,16 @@ class Plan:
     global_batch: int
 
     @classmethod
-    def of(cls, cfg: FinetuneConfig, num_train: int, world: int) -> "Plan":
+    def of(cls, cfg: FinetuneConfig, num_train: int, world: int, probe: bool = False) -> "Plan":
+        """``probe``: the plan of `lr_search`'s short run (`lr_search.probe_steps` of the full run's steps)."""
         global_batch = cfg.batch_size * world * cfg.grad_accum
         steps_per_epoch = math.ceil(num_train / global_batch)
         if cfg.max_steps is not None:  # max_steps overrides epochs: as many epochs as it takes, the last cut short
             total, epochs = cfg.max_steps, math.ceil(cfg.max_steps / steps_per_epoch)
         else:
             total, epochs = cfg.epochs * steps_per_epoch, cfg.epochs
+        if probe:
+            return cls.of(dataclasses.replace(cfg, max_steps=lr_search.probe_steps(total)), num_train, world)
         return cls(steps_per_epoch, total, epochs, int(round(cfg.warmup_ratio * total)), global_batch)
 
     def positions(self, start_step: int, first_epoch: list, batches_of: Callable[[int, int], list]):
@@ -400,10 +469,10 @@ class RunState:
         self.state_bytes = dict(saved.get("train_state_bytes") or {})
 
 
-def run_record(cfg: FinetuneConfig, ctx: DistContext, plan: Plan, prepared: Prepared, run: RunState, lr: float,
-               layers: list[int] | None, precision: Precision) -> dict[str, Any]:
+def run_record(s: Setup, prepared: Prepared, run: RunState) -> dict[str, Any]:
     """The metrics.json fields every run records, whatever its task."""
-    calibrates = METHODS[cfg.method].calibrates
+    cfg, ctx, plan, lr, layers, precision = s.cfg, s.ctx, s.plan, s.lr, s.layers, s.precision
+    calibrates = s.method.calibrates
     finite = [v for v in run.losses if math.isfinite(v)]
     tail = finite[-max(1, min(10, len(finite) // 4)):]
     return {
@@ -441,16 +510,15 @@ def seed_everything(seed: int) -> None:
     transformers.set_seed(seed)
 
 
-def check_divergence(guard: DivergenceGuard, loss: float, cfg: FinetuneConfig, lr: float, out_dir: Path,
-                     ctx: DistContext, bar) -> dict[str, Any]:
+def check_divergence(s: Setup, guard: DivergenceGuard, loss: float, bar) -> dict[str, Any]:
     """The guard fired: ``--on-nonfinite stop`` stops (no adapter, as for a NaN loss); ``skip`` warns once and
     trains on (metrics.json records it), as a NaN step is skipped with a warning."""
-    if cfg.on_nonfinite == "stop":
+    if s.cfg.on_nonfinite == "stop":
         bar.close()
-        raise diverged(guard.message(loss), guard.diverged_at, lr, out_dir, ctx.world)
-    if ctx.is_main:
+        raise diverged(guard.message(loss), guard.diverged_at, s.lr, s.out_dir, s.ctx.world)
+    if s.ctx.is_main:
         print(f"sparsegrad: warning: {guard.message(loss)}; training goes on (--on-nonfinite skip), lower the "
-              f"learning rate (now {lr:g})", file=sys.stderr, flush=True)
+              f"learning rate (now {s.lr:g})", file=sys.stderr, flush=True)
     return guard.record()
 
 
