@@ -312,19 +312,3 @@ def write_files(folder: Path, files: dict[str, bytes]) -> None:
     """Sidecar files (name -> bytes) of an adapter whose own format has no place for them (LoRA, full)."""
     for name, data in files.items():
         atomic_write_bytes(folder / name, data)
-
-
-def load_named(model: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
-    """Copy saved parameters (by name) into ``model``; unknown names, shape mismatches and NaN/inf are refused."""
-    from sparsegrad.delta import check_finite
-
-    params = dict(model.named_parameters())
-    unknown = sorted(set(tensors) - set(params))
-    if unknown:
-        raise ValueError(f"{what} holds parameters the base model lacks: {unknown[:3]}")
-    check_finite(tensors, what)
-    with torch.no_grad():
-        for name, value in tensors.items():
-            if params[name].shape != value.shape:
-                raise ValueError(f"{what}: {name} is {tuple(value.shape)}, the base has {tuple(params[name].shape)}")
-            params[name].copy_(value.to(params[name].dtype))

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save as st_save
 from torch import nn
 
+from sparsegrad.delta import restore_delta
 from sparsegrad.io import atomic_write_bytes, read_safetensors
 
 from .base import (
@@ -16,7 +17,6 @@ from .base import (
     Method,
     Prepared,
     Setup,
-    load_named,
     mlp_matrices,
     prepared,
     select_targets,
@@ -47,7 +47,7 @@ class Full(Method):
 
     def load(self, base: nn.Module, folder: Path, *, merge: bool) -> nn.Module:
         tensors, _ = read_safetensors(folder / TRAINED_PARAMS_FILE, "trained parameters")
-        load_named(base, tensors, str(folder / TRAINED_PARAMS_FILE))
+        restore_delta(base, tensors, str(folder / TRAINED_PARAMS_FILE))  # the trained parameters, checked
         return base
 
     def snapshot(self, prepared: Prepared) -> dict[str, torch.Tensor]:

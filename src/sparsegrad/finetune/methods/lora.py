@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save as st_save
 from torch import nn
 
+from sparsegrad.delta import restore_delta
 from sparsegrad.io import atomic_write_bytes, read_safetensors
 from sparsegrad.matrices import LinearView
 
@@ -20,7 +21,6 @@ from .base import (
     Prepared,
     Setup,
     base_param_name,
-    load_named,
     prepared,
     quiet_peft,
     select_targets,
@@ -103,7 +103,7 @@ class Lora(Method):
 
         extra = folder / TRAINED_PARAMS_FILE
         if extra.is_file():
-            load_named(base, read_safetensors(extra, "trained parameters")[0], str(extra))
+            restore_delta(base, read_safetensors(extra, "trained parameters")[0], str(extra))
         with quiet_peft():
             wrapped = PeftModel.from_pretrained(base, str(folder))
         return wrapped.merge_and_unload() if merge else wrapped
