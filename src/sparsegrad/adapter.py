@@ -29,7 +29,7 @@ from torch import nn
 
 from .bases import SparseGradBases, check_orthogonal
 from .config import SparseGradConfig
-from .delta import check_delta, restore_delta
+from .delta import check_delta, restore_delta, trained_parameters
 from .io import atomic_write_bytes, read_json_object, read_safetensors, sha256_bytes, tensors_sha256
 from .model import CONFIG_ATTR, PRETRAINED_HASH_ATTR, get_sparsegrad_model, sparsegrad_layers
 from .targets import find_targets
@@ -95,14 +95,6 @@ def check_adapter_tensors(meta: dict[str, Any], tensors: dict[str, torch.Tensor]
                          "trainable_params): the config was edited or comes from another save")
 
 
-def _extra_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Trainable parameters outside the SparseGrad deltas (biases, norms, heads, attention when trained)."""
-    owned = set()
-    for layer in sparsegrad_layers(model).values():
-        owned.update({id(layer.weight), id(layer.delta_values)})
-    return {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) not in owned}
-
-
 def bases_fingerprint(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> str:
     """sha256 over the kinds and fp32 bytes of a set of bases."""
     return tensors_sha256([(f"{kind}/{side}", t.float())
@@ -157,7 +149,7 @@ def save_adapter(model: nn.Module, path: str | Path, *, save_bases: bool = True,
                 tensors.setdefault(f"folded/{s}/bases/{side}/{layer.kind}", seg[side].float().contiguous())
             tensors[f"folded/{s}/{name}.delta_indices"] = seg["indices"].to(layer.index_dtype).contiguous()
             tensors[f"folded/{s}/{name}.delta_values"] = seg["values"].float().contiguous()
-    extra = _extra_trainable(model)
+    extra = trained_parameters(model)
     for name, p in extra.items():
         tensors[name] = p.detach().cpu().contiguous()
     blob = st_save(tensors, metadata={"format": FORMAT})

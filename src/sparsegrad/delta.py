@@ -1,5 +1,7 @@
-"""A trained delta, put back: the one way an adapter load, a resumed run and a restored best step return a saved
-state to a converted model (`restore_delta`), and the checks it runs first (`check_delta`, `check_finite`).
+"""A trained delta, put back: the one way an adapter load (SparseGrad's, and the trained parameters beside a LoRA
+or full adapter), a resumed run, a restored best step and the HF Trainer's resume return a saved state to a model
+(`restore_delta`), the checks it runs first (`check_delta`, `check_finite`), and what is saved for it
+(`trainable_state`; `trained_parameters`, the part outside the deltas).
 
 A saved state names each SparseGrad layer's delta ``<layer>.delta_indices`` / ``<layer>.delta_values`` and every
 other trained tensor (biases, norms, heads) by its model name. Loading goes through ``load_state_dict``, whose
@@ -47,11 +49,35 @@ def check_delta(name: str, indices: torch.Tensor | None, values: torch.Tensor | 
                          "lower learning rate)")
 
 
+def nonfinite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors that hold NaN or inf."""
+    return [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 def check_finite(tensors: Mapping[str, torch.Tensor], where: str) -> None:
     """Every floating-point tensor is finite, or a ValueError names the first few that are not."""
-    bad = [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = nonfinite_tensors(tensors)
     if bad:
         raise ValueError(f"{where}: {bad[:3]} hold NaN or inf; the file is unusable")
+
+
+def trained_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Trainable parameters outside the SparseGrad deltas, by name (biases, norms, heads, attention when trained):
+    a layer's dense effective weight is rebuilt from its delta, and a fixed support's values are the delta."""
+    owned = set()
+    for layer in sparsegrad_layers(model).values():
+        owned.update({id(layer.weight), id(layer.delta_values)})
+    return {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) not in owned}
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What training changes, by name, as `restore_delta` takes it back: the `trained_parameters` and every
+    SparseGrad layer's ``delta_indices`` / ``delta_values``. Detached contiguous CPU copies."""
+    out = {n: p.detach().cpu().contiguous().clone() for n, p in trained_parameters(model).items()}
+    for name, layer in sparsegrad_layers(model).items():
+        out[f"{name}.delta_indices"] = layer.delta_indices.detach().cpu().contiguous().clone()
+        out[f"{name}.delta_values"] = layer.delta_values.detach().float().cpu().contiguous().clone()
+    return out
 
 
 def _is_delta(name: str) -> bool:
@@ -61,16 +87,17 @@ def _is_delta(name: str) -> bool:
 def check_restorable(model: nn.Module, tensors: Mapping[str, torch.Tensor], where: str) -> None:
     """What `restore_delta` checks before it changes anything (ValueError naming ``where`` and the tensor):
     every layer's delta (`check_delta`, inside its matrix; a fixed support holds k entries, or none while pending);
-    every other tensor names a parameter or buffer of ``model``, has its shape, is floating point where the target
-    is, and is finite (`check_finite`)."""
+    every other tensor names a parameter of ``model``, has its shape, is floating point where the parameter is,
+    and is finite (`check_finite`)."""
+    own: dict[str, torch.Tensor] = dict(model.named_parameters())
     for name, layer in sparsegrad_layers(model).items():
         indices, values = tensors.get(f"{name}.delta_indices"), tensors.get(f"{name}.delta_values")
         check_delta(name, indices, values, where, (layer.out_features, layer.in_features))
         if layer.support == "fixed" and indices.numel() not in (0, layer.k):
             raise ValueError(f"{where}: the delta of {name} has {indices.numel()} entries, its fixed support needs "
                              f"{layer.k}")
+        own[f"{name}.delta_indices"], own[f"{name}.delta_values"] = layer.delta_indices, layer.delta_values
     check_finite(tensors, where)
-    own = model.state_dict(keep_vars=True)
     unknown = sorted(set(tensors) - set(own))
     if unknown:
         raise ValueError(f"{where} holds tensors the model lacks ({unknown[:3]}): it was written for another model "

@@ -38,7 +38,7 @@ from torch import nn
 
 import sparsegrad as sg
 import sparsegrad.io as sio
-from sparsegrad.delta import restore_delta
+from sparsegrad.delta import nonfinite_tensors, restore_delta, trainable_state
 from sparsegrad.io import atomic_write_bytes, read_safetensors
 
 CHECKPOINTS = "checkpoints"
@@ -60,21 +60,6 @@ class CheckpointError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------- model state
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What training changes, by name: parameters with ``requires_grad`` (not a SparseGrad layer's dense effective
-    weight) and every SparseGrad layer's ``delta_indices`` / ``delta_values``. Detached contiguous CPU copies."""
-    layers = sg.sparsegrad_layers(model)
-    dense = {id(layer.weight) for layer in layers.values()}
-    out: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad and id(p) not in dense:
-            out[name] = p.detach().cpu().contiguous().clone()
-    for name, layer in layers.items():
-        out[f"{name}.delta_indices"] = layer.delta_indices.detach().cpu().contiguous().clone()
-        out[f"{name}.delta_values"] = layer.delta_values.detach().float().cpu().contiguous().clone()
-    return out
-
-
 def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
     """Load `trainable_state` tensors back into a model set up the same way (`sparsegrad.delta.restore_delta`:
     every tensor must find its place); a refusal is a `CheckpointError`."""
@@ -82,10 +67,6 @@ def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor], whe
         restore_delta(model, tensors, where)
     except ValueError as exc:
         raise CheckpointError(str(exc)) from None
-
-
-def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
-    return [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 # ------------------------------------------------------------------------------------------------- RNG
