@@ -160,6 +160,8 @@ def test_finetune_merge_calibrate(tiny, tmp_path, capsys):
 
     merged = tmp_path / "merged"
     assert main(["merge", "--adapter", str(out / "adapter"), "--output", str(merged)]) == 0
+    printed = capsys.readouterr().out  # the classifier's lines (the task kind's merged_lines)
+    assert "(3 labels: arts, " in printed and "AutoModelForSequenceClassification.from_pretrained(" in printed
     from transformers import AutoModelForSequenceClassification
 
     plain = AutoModelForSequenceClassification.from_pretrained(str(merged))

@@ -558,6 +558,7 @@ def cmd_merge(args: argparse.Namespace, command: str) -> int:
     merged weights are checked finite."""
     from .models import quiet_transformers
     from .outputs import load_finetuned
+    from .tasks import KINDS, kind_of_info
 
     adapter = Path(args.adapter)
     if not adapter.is_dir():
@@ -576,13 +577,7 @@ def cmd_merge(args: argparse.Namespace, command: str) -> int:
     with sio.atomic_directory(output, owner="merged") as tmp, quiet_transformers():  # load_finetuned checked it finite
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-    if info.get("model_kind") == "causal-lm":
-        print(f"merged {info['method']} adapter {adapter} into {info['model']} ({info['task']}) -> {output}")
-        print(f"load it with: AutoModelForCausalLM.from_pretrained({str(output)!r})")
-        return 0
-    print(f"merged {info['method']} adapter {adapter} into {info['model']} ({info.get('num_labels')} labels: "
-          f"{', '.join(str(n) for n in info.get('label_names') or [])}) -> {output}")
-    print(f"load it with: AutoModelForSequenceClassification.from_pretrained({str(output)!r})")
+    print("\n".join(KINDS[kind_of_info(info)].merged_lines(info, adapter, output)))
     return 0
 
 

@@ -117,3 +117,9 @@ def load_model(name: str | None, info: dict[str, Any], dtype: torch.dtype | None
     """(causal LM, tokenizer) as task.json records it (its weight dtype unless ``dtype`` is given)."""
     return lm.load_lm_model(name or "smollm2", info.get("dtype", "float32")) if dtype is None else \
         lm.load_causal_lm(name or "smollm2", dtype=dtype)
+
+
+def merged_lines(info: dict[str, Any], adapter: Any, output: Any) -> list[str]:
+    """What `sparsegrad merge` prints for a causal LM's adapter: what was merged, and how to load it."""
+    return [f"merged {info['method']} adapter {adapter} into {info['model']} ({info['task']}) -> {output}",
+            f"load it with: AutoModelForCausalLM.from_pretrained({str(output)!r})"]

@@ -132,3 +132,11 @@ def load_model(name: str | None, info: dict[str, Any], dtype: torch.dtype | None
     ``dtype`` (default: task.json's ``dtype``, the weights the adapter was trained on)."""
     dtype = dtype or getattr(torch, info.get("dtype", "float32"))
     return load_classifier(name, info["num_labels"], label_names=info.get("label_names"), dtype=dtype)
+
+
+def merged_lines(info: dict[str, Any], adapter: Any, output: Any) -> list[str]:
+    """What `sparsegrad merge` prints for a classifier's adapter: what was merged, and how to load it."""
+    labels = ", ".join(str(n) for n in info.get("label_names") or [])
+    return [f"merged {info['method']} adapter {adapter} into {info['model']} ({info.get('num_labels')} labels: "
+            f"{labels}) -> {output}",
+            f"load it with: AutoModelForSequenceClassification.from_pretrained({str(output)!r})"]
