@@ -288,6 +288,21 @@ def _read_meta(cfg_file: Path) -> dict[str, Any]:
     return read_json_object(cfg_file, "a sparsegrad adapter config", FORMAT)
 
 
+def saved_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The trained state a `read_adapter` result holds, as `restore_delta` takes it back: each layer's live delta
+    and the other trained parameters, by model name (the folded segments and bases aside)."""
+    names = [*(f"{name}.{part}" for name in meta["layers"] for part in ("delta_indices", "delta_values")),
+             *meta["trainable_params"]]
+    return {name: tensors[name] for name in names}
+
+
+def saved_bases(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """kind -> (u_out, u_in) of the live bases an adapter holds (none for identity bases or ``save_bases=False``)."""
+    kinds = {info["kind"] for info in meta["layers"].values()}
+    return {kind: (tensors[f"bases/u_out/{kind}"], tensors[f"bases/u_in/{kind}"]) for kind in sorted(kinds)
+            if f"bases/u_out/{kind}" in tensors and f"bases/u_in/{kind}" in tensors}
+
+
 def load_adapter(base_model: nn.Module, path: str | Path, *, bases: SparseGradBases | None = None) -> nn.Module:
     """Convert ``base_model`` in place and load the adapter at ``path`` into it; returns the model, whose outputs
     equal those of the model that was saved. Refuses a base with other shapes, dtype or target weights, and, after
@@ -336,13 +351,10 @@ def load_adapter(base_model: nn.Module, path: str | Path, *, bases: SparseGradBa
 
         bases = identity_bases(base_model, config)
     else:
-        factors = {}
-        for info in layers.values():
-            kind = info["kind"]
-            try:
-                factors[kind] = (tensors[f"bases/u_out/{kind}"], tensors[f"bases/u_in/{kind}"])
-            except KeyError:
-                raise ValueError(f"adapter weights lack the bases of kind {kind!r}") from None
+        factors = saved_bases(meta, tensors)
+        missing = sorted({info["kind"] for info in layers.values()} - set(factors))
+        if missing:
+            raise ValueError(f"adapter weights lack the bases of kind {missing[0]!r}")
         bases = SparseGradBases(factors=factors)
     get_sparsegrad_model(base_model, config, bases)
     segments = meta.get("folded_segments", 0)
@@ -355,9 +367,7 @@ def load_adapter(base_model: nn.Module, path: str | Path, *, bases: SparseGradBa
                      "indices": tensors[f"folded/{s}/{name}.delta_indices"],
                      "values": tensors[f"folded/{s}/{name}.delta_values"].float()} for s in range(segments)])
         setattr(base_model, PRETRAINED_HASH_ATTR, fingerprint["target_weights_sha256"])
-    trained = [*(f"{name}.{part}" for name in layers for part in ("delta_indices", "delta_values")),
-               *meta["trainable_params"]]
-    restore_delta(base_model, {name: tensors[name] for name in trained}, str(Path(path) / WEIGHTS_NAME))
+    restore_delta(base_model, saved_state(meta, tensors), str(Path(path) / WEIGHTS_NAME))
     check_finite_weights(base_model, f"the model loaded with the adapter {path}")
     return base_model
 

@@ -48,7 +48,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 import sparsegrad as sg
-from sparsegrad.adapter import CONFIG_NAME, FORMAT
+from sparsegrad.adapter import CONFIG_NAME, FORMAT, saved_bases, saved_state
 from sparsegrad.delta import restore_delta
 
 ADAPTER_SUBFOLDER = "sparsegrad_adapter"
@@ -83,13 +83,8 @@ def restore_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"adapter {path} holds {meta['folded_segments']} basis refresh(es) (folded segments): "
                          "restoring it into a converted model mid-run is not supported; load it onto a fresh base "
                          "model with sg.load_adapter")
-    trained = [*(f"{name}.{part}" for name in meta["layers"] for part in ("delta_indices", "delta_values")),
-               *meta["trainable_params"]]
-    kinds = {info["kind"] for info in meta["layers"].values()}
-    bases = None if meta["identity_basis"] else {
-        kind: (tensors[f"bases/u_out/{kind}"], tensors[f"bases/u_in/{kind}"])
-        for kind in kinds if f"bases/u_out/{kind}" in tensors and f"bases/u_in/{kind}" in tensors}
-    return restore_delta(model, {name: tensors[name] for name in trained}, f"adapter {path}", bases=bases)
+    bases = None if meta["identity_basis"] else saved_bases(meta, tensors)
+    return restore_delta(model, saved_state(meta, tensors), f"adapter {path}", bases=bases)
 
 
 class SparseGradTrainer(Trainer):
