@@ -35,6 +35,9 @@ def test_resolve_minilm() -> None:
 
 
 def test_resolve_local_dir(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="holds no config.json: not a Hugging Face model folder"):
+        M.resolve_model(tmp_path)  # an empty folder: transformers would ask for sentencepiece
+    (tmp_path / "config.json").write_text("{}")
     assert M.resolve_model(str(tmp_path)) == str(tmp_path)
     assert M.resolve_model(tmp_path) == str(tmp_path)
 

@@ -36,6 +36,16 @@ def lora_rank_for_budget(k: float, in_features: float, out_features: float) -> i
     return max(1, int(round(k / (in_features + out_features))))
 
 
+def check_rank(rank: int, modules: list[tuple[str, nn.Module]]) -> None:
+    """A rank above a matrix's smallest dimension adds parameters but no freedom (B @ A is at most that rank):
+    refused, naming the matrix (a rank matched to the budget never exceeds it)."""
+    name, module = min(modules, key=lambda item: min(item[1].weight.shape))
+    out_features, in_features = module.weight.shape[:2]
+    if rank > min(out_features, in_features):
+        raise ValueError(f"lora_rank {rank} exceeds the smallest dimension of {name} ({out_features}x{in_features}): "
+                         f"choose a rank <= {min(out_features, in_features)}")
+
+
 def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
     """peft LoRA layers of a wrapped model, by base-model module name."""
     out = {}
@@ -68,6 +78,7 @@ class Lora(Method):
         mean_out = sum(m.weight.shape[0] for _, m in mods) / n_mat
         rank = setup.lora_rank if setup.lora_rank is not None else lora_rank_for_budget(targets.mean_k, mean_in,
                                                                                          mean_out)
+        check_rank(rank, mods)
         keep = {p for p in model.parameters() if p.requires_grad} - targets.weights()
         # peft ignores layers_to_transform for a regex: name the chosen modules instead.
         names = targets.names if setup.layers_to_transform is not None else targets.config.target_modules

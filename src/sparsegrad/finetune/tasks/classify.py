@@ -109,6 +109,12 @@ def load_split(cfg: Any, **override: Any) -> D.TextClassificationData:
     return D.load_task(cfg.task, seed=cfg.seed, eval_fraction=cfg.eval_fraction, **sizes)
 
 
+def check_data(cfg: Any) -> None:
+    """The run's split read as `ClassificationTask.load` reads it, without a model (compare, before its runs)."""
+    with usage_errors():
+        load_split(cfg)
+
+
 def carve_validation(data: D.TextClassificationData, cfg: Any) -> tuple[list[str], list[int], str | None]:
     """(val texts, val labels, source) of ``cfg.val_fraction`` (see `selection.carve_classification`); the rows of
     ``data`` outside a ``max_train`` subset are the spare rows. ``data``'s training rows are cut only without them."""
