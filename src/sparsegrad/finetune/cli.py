@@ -537,6 +537,7 @@ def checked_finetune_config(args: argparse.Namespace, command: str):
     cfg = _resume_finetune_config(args, command) if args.resume is not None else _finetune_config(args, command)
     cfg.validate()
     preflight.check_budget(cfg.model, k=cfg.k, lora_rank=cfg.lora_rank, target_modules=cfg.target_modules)
+    preflight.check_positions(cfg.model, cfg.max_length)
     return cfg
 
 
@@ -559,6 +560,7 @@ def cmd_calibrate(args: argparse.Namespace, command: str) -> int:
         f"calibrate-{_task_name(args)}-s{args.seed}")
     check_output_folder(out_dir, {"--model": args.model, "--train-file": args.train_file})
     preflight.check_budget(args.model, k=args.k, target_modules=args.target_modules)
+    preflight.check_positions(args.model, args.max_length)
     report, path, seconds = calibrate(
         model=args.model, task=args.task, train_file=args.train_file, eval_file=args.eval_file,
         text_column=args.text_column, label_column=args.label_column, max_train=args.max_train or None,

@@ -277,6 +277,11 @@ def _check_classes(name: str, labels: Sequence[int], label_names: Sequence[str],
         )
 
 
+def _check_subset_classes(name: str, labels: Sequence[int], label_names: Sequence[str], max_train: int | None) -> None:
+    if max_train is not None:
+        _check_classes(name, labels, label_names, f"the training subset of max_train={max_train} rows")
+
+
 def _assemble(
     name: str,
     texts: list[str],
@@ -298,6 +303,7 @@ def _assemble(
     groups = _shuffled_by_class(range(len(labels)), labels, rng)
     train_g, eval_g = _split_groups(groups, eval_fraction)
     tr, ev = _take(train_g, max_train), _take(eval_g, max_eval)
+    _check_subset_classes(name, [labels[i] for i in tr], label_names, max_train)
     if not ev:
         raise ValueError(
             f"{name}: the eval split is empty ({len(texts)} unique texts, eval_fraction={eval_fraction}); "
@@ -490,6 +496,9 @@ def _read_delimited(path: Path, text_column: str, label_column: str) -> tuple[li
     for column, role in ((text_column, "text"), (label_column, "label")):
         if column not in header:
             raise _missing_column(path, column, role, header)
+        if header.count(column) > 1:  # csv.DictReader would silently read the last of them
+            raise ValueError(f"{path} line 1: the header names the {role} column {column!r} {header.count(column)} "
+                             "times; rename all but one")
     texts: list[str] = []
     labels: list[str] = []
     rows = iter(reader)
@@ -520,8 +529,9 @@ def check_field_count(row: dict, header: Sequence[str], where: str) -> None:
         return
     side = "more" if fields > len(header) else "fewer"
     hint = "; quote a text that holds the delimiter" if extra else ""
-    raise ValueError(f"{where}: the row has {side} fields than the header ({fields} fields, the header has "
-                     f"{len(header)} columns){hint}")
+    count = f"{fields} field{'s' * (fields != 1)}"
+    raise ValueError(f"{where}: the row has {side} fields than the header ({count}, the header has {len(header)} "
+                     f"columns){hint}")
 
 
 def _json_records(path: Path, content: str) -> list[tuple[str, Any]]:
@@ -715,6 +725,7 @@ def load_files(
     rng = random.Random(seed)
     tr = _take(_shuffled_by_class(range(len(train_y)), train_y, rng), max_train)
     ev = _take(_shuffled_by_class(range(len(eval_y)), eval_y, rng), max_eval)
+    _check_subset_classes(name, [train_y[i] for i in tr], label_names, max_train)
     return TextClassificationData(
         train_texts=[train_t[i] for i in tr],
         train_labels=[train_y[i] for i in tr],

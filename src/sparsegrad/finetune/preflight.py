@@ -49,19 +49,34 @@ def mlp_shape(config: dict[str, Any]) -> tuple[int, int] | None:
     return hidden, inner
 
 
+def config_of(model: str | None) -> dict[str, Any]:
+    """config.json of a model folder or of a bundled model on disk ({} when there is none to read yet)."""
+    from .models import bundled_model_folder
+
+    try:
+        folder = bundled_model_folder(model)
+    except (OSError, ImportError):  # a bundled package missing: loading the model says so
+        return {}
+    return model_config(folder) if folder is not None else {}
+
+
+def check_positions(model: str | None, max_length: int) -> None:
+    """``--max-length`` within the model's positions (config.json's ``max_position_embeddings``/``n_positions``),
+    as `tasks.base.check_positions` checks on the loaded model."""
+    config = config_of(model)
+    positions = config.get("max_position_embeddings", config.get("n_positions"))
+    if isinstance(positions, int) and not isinstance(positions, bool) and max_length > positions:
+        raise UsageError(f"--max-length {max_length} exceeds the {positions} positions of {model or 'minilm'} "
+                         f"(config.json): give --max-length <= {positions}")
+
+
 def check_budget(model: str | None, *, k: int | None = None, lora_rank: int | None = None,
                  target_modules: str | None = None) -> None:
     """``--k`` and ``--lora-rank`` fit the default MLP matrices of ``model`` (read from its config.json; nothing is
     checked here for a custom ``--target-modules``, an unknown family or a bundled model not on disk yet)."""
     if target_modules is not None or (k is None and lora_rank is None):
         return
-    from .models import bundled_model_folder
-
-    try:
-        folder = bundled_model_folder(model)
-    except (OSError, ImportError):  # a bundled package missing: loading the model says so
-        return
-    shape = mlp_shape(model_config(folder)) if folder is not None else None
+    shape = mlp_shape(config_of(model))
     if shape is None:
         return
     hidden, inner = shape

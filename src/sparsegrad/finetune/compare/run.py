@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -93,6 +94,9 @@ def parse_lrs(text: str | None, methods: list[str]) -> dict[str, float | str]:
         if not sep or name not in {base_method(m) for m in METHOD_LABELS} | set(METHOD_LABELS):
             raise UsageError(f"--lr: expected method=value pairs (methods: {', '.join(METHOD_LABELS)}), got {part!r}")
         out[name] = number(value)
+    absent = [name for name in out if base_method(name) not in {base_method(m) for m in methods}]
+    if absent:
+        raise UsageError(f"--lr names {absent[0]!r}, which is not in --methods ({', '.join(methods)})")
     return out
 
 
@@ -174,7 +178,7 @@ def failure_line(log: Path, returncode: int) -> str:
     """The reason a run failed, from its log: its last `sparsegrad: error:` line, else the signal that killed it,
     else the log's last line."""
     lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("sparsegrad: error:")]
+    errors = [line for line in lines if re.match(r"sparsegrad( \w+)?: error:", line)]  # argparse's has the command
     if errors:
         return errors[-1]
     if returncode < 0:
