@@ -76,7 +76,7 @@ class Case:
 
 def expected(case: Case, b: dict, w: Path) -> str:
     return case.message.format(w=w, model=b["model"], data=b["data"], name=b["data"].parent.name,
-                               ro=b.get("ro"), small=b.get("small"))
+                               ro=b.get("ro"), small=b.get("small"), pid=os.getpid())
 
 
 def copy_run(b, w, method="sparsegrad", name="run"):
@@ -288,37 +288,63 @@ def mount_empty(which):
 
 
 CASES = [
-    Case("merge-output-is-run-dir-overwrite", "data loss", merge_into_run, 2, "contains --adapter", run_intact),
-    Case("merge-output-dot", "raw traceback", merge_dot, 2, "is the current folder", run_intact),
-    Case("merge-output-inside-adapter", "", merge_inside_adapter, 2, "lies inside --adapter", no_folder("run/adapter/merged")),
-    Case("merge-output-is-model", "", merge_into_model, 2, "is --model", nothing),
-    Case("merge-over-user-folder-overwrite", "", merge_over_user_folder, 2, "not a merged model written by sparsegrad",
+    Case("merge-output-is-run-dir-overwrite", "data loss #100", merge_into_run, 2,
+         "sparsegrad: error: --output {w}/run contains --adapter {w}/run/adapter: writing there could replace the input; "
+         "choose a separate folder", run_intact),
+    Case("merge-output-dot", "raw traceback #101", merge_dot, 2,
+         "sparsegrad: error: --output . is the current folder, one of its parents, the home folder or the root: it "
+         "would be replaced whole; give a new folder", run_intact),
+    Case("merge-output-inside-adapter", "", merge_inside_adapter, 2,
+         "sparsegrad: error: --output {w}/run/adapter/merged lies inside --adapter {w}/run/adapter: writing there could "
+         "replace the input; choose a separate folder", no_folder("run/adapter/merged")),
+    Case("merge-output-is-model", "", merge_into_model, 2,
+         "sparsegrad: error: --output {model} is --model {model}: writing there could replace the input; choose a "
+         "separate folder", nothing),
+    Case("merge-over-user-folder-overwrite", "", merge_over_user_folder, 2,
+         "sparsegrad: error: --output {w}/mine is not a merged model written by sparsegrad: refusing to replace it, even "
+         "with --overwrite; choose a new folder",
          lambda b, w: tree(w / "mine") == {"thesis.tex"} or pytest.fail(tree(w / "mine"))),
     Case("merge-over-own-merged-overwrite", "ok", merge_twice, 0, "", merged_ok),
-    Case("merge-task-json-labels-reversed", "accepts bad input",
-         merge_edited("task.json", lambda d: d["label_names"].reverse()), 2, "was edited or replaced", no_merged),
-    Case("merge-task-json-missing-model", "raw traceback",
-         merge_edited("task.json", lambda d: d.pop("model")), 2, "'model' must be a string, got None (the file was "
-         "edited)", no_merged),
-    Case("merge-adapter-config-edited", "accepts bad input",
-         merge_edited("adapter_config.json", lambda d: d.update(identity_basis=True)), 2, "edited", no_merged),
+    Case("merge-task-json-labels-reversed", "accepts bad input #151",
+         merge_edited("task.json", lambda d: d["label_names"].reverse()), 2,
+         "sparsegrad: error: cannot load adapter {w}/run/adapter: {w}/run/adapter/task.json was edited or replaced after "
+         "saving (its checksum differs from adapter_config.json); restore it or save the adapter again", no_merged),
+    Case("merge-task-json-missing-model", "raw traceback #156",
+         merge_edited("task.json", lambda d: d.pop("model")), 2,
+         "sparsegrad: error: {w}/run/adapter/task.json: 'model' must be a string, got None (the file was edited)", no_merged),
+    Case("merge-adapter-config-edited", "accepts bad input #115",
+         merge_edited("adapter_config.json", lambda d: d.update(identity_basis=True)), 2,
+         "sparsegrad: error: cannot load adapter {w}/run/adapter: {w}/run/adapter/adapter_model.safetensors holds bases but "
+         "adapter_config.json records identity_basis=true; the config was edited", no_merged),
     Case("merge-lora-task-json-edited", "",
-         merge_edited("task.json", lambda d: d["label_names"].reverse(), "lora"), 2, "was edited or replaced",
-         no_merged),
+         merge_edited("task.json", lambda d: d["label_names"].reverse(), "lora"), 2,
+         "sparsegrad: error: cannot load adapter {w}/run/adapter: {w}/run/adapter/task.json was edited or replaced after "
+         "sparsegrad wrote it (checksum differs); restore it or write the folder again", no_merged),
     Case("merge-lora-config-edited", "",
-         merge_edited("adapter_config.json", lambda d: d.update(lora_alpha=100), "lora"), 2, "was edited or replaced",
-         no_merged),
-    Case("fresh-run-into-checkpoints", "data loss", fresh_into_checkpoints, 2, "--resume", checkpoints_kept),
-    Case("fresh-run-overwrite-user-file-in-step", "", fresh_overwrite, 2, "mine.txt",
+         merge_edited("adapter_config.json", lambda d: d.update(lora_alpha=100), "lora"), 2,
+         "sparsegrad: error: cannot load adapter {w}/run/adapter: {w}/run/adapter/adapter_config.json was edited or replaced "
+         "after sparsegrad wrote it (checksum differs); restore it or write the folder again", no_merged),
+    Case("fresh-run-into-checkpoints", "data loss #72", fresh_into_checkpoints, 2,
+         "sparsegrad: error: {w}/run/checkpoints holds the checkpoints of another run (up to step-2): continue it with "
+         "`sparsegrad finetune --resume {w}/run`, or pass --overwrite to delete them and start afresh", checkpoints_kept),
+    Case("fresh-run-overwrite-user-file-in-step", "", fresh_overwrite, 2,
+         "sparsegrad: error: refusing to delete {w}/run/checkpoints: it holds files sparsegrad did not write "
+         "(step-2/mine.txt); move them away first (a fresh run cannot start over the checkpoints in "
+         "{w}/run/checkpoints)",
          lambda b, w: (w / "run" / "checkpoints" / "step-2" / "mine.txt").is_file() or pytest.fail()),
-    Case("users-own-checkpoints-folder", "data loss", user_checkpoints, 0, "", user_file_kept),
-    Case("output-dir-empty-string", "accepts bad input", lambda b, w: (os.chdir(w), argv(b["model"], b["data"], ""))[1],
-         2, "--output-dir is empty", lambda b, w: tree(w) == set() or pytest.fail(tree(w))),
+    Case("users-own-checkpoints-folder", "data loss #71", user_checkpoints, 0, "", user_file_kept),
+    Case("output-dir-empty-string", "accepts bad input #68",
+         lambda b, w: (os.chdir(w), argv(b["model"], b["data"], ""))[1], 2,
+         "sparsegrad: error: --output-dir is empty: give a folder name", lambda b, w: tree(w) == set() or pytest.fail(tree(w))),
     Case("output-dir-under-a-file", "", lambda b, w: ((w / "f").write_text("x"), argv(b["model"], b["data"], w / "f" / "r"))[1],
-         2, "is a file, not a folder", lambda b, w: (w / "f").read_text() == "x" or pytest.fail()),
-    Case("output-dir-is-model", "", lambda b, w: argv(b["model"], b["data"], b["model"]), 2, "is --model", nothing),
-    Case("second-writer-locked", "raw traceback", locked, 2, f"in use by another sparsegrad process (PID {os.getpid()})",
-         lock_released),
+         2, "sparsegrad: error: --output-dir {w}/f/r: {w}/f is a file, not a folder",
+         lambda b, w: (w / "f").read_text() == "x" or pytest.fail()),
+    Case("output-dir-is-model", "", lambda b, w: argv(b["model"], b["data"], b["model"]), 2,
+         "sparsegrad: error: --output-dir {model} is --model {model}: writing there could replace the input; choose a "
+         "separate folder", nothing),
+    Case("second-writer-locked", "raw traceback #246", locked, 2,
+         "sparsegrad: error: --output-dir {w}/run is in use by another sparsegrad process (PID {pid}); wait for it to finish, "
+         "stop it, or choose another folder", lock_released),
     Case("k-larger-than-matrices", "raw traceback #47", lambda b, w: argv(b["model"], b["data"], w / "run", k=100000000),
          2, "sparsegrad: error: --k 100000000 exceeds the 2,048 entries of the 32x64 MLP matrices of {model} "
          "(config.json): give --k <= 2048 or a --density", no_folder("run")),
@@ -417,12 +443,15 @@ CASES = [
     Case("adapter-does-not-fit-a-64-KiB-disk", "raw traceback #228", on_mount("small", "run"), 1,
          "sparsegrad: error: cannot write {small}/run/adapter/task.json: the disk is full (No space left on device); "
          "nothing was half-written and the previous version, if any, is intact", mount_empty("small"), mount=True),
-    Case("every-step-skipped", "accepts bad input", all_skipped, 1, "every one of the 1 steps was skipped",
+    Case("every-step-skipped", "accepts bad input #225", all_skipped, 1,
+         "sparsegrad: error: every one of the 1 steps was skipped (--on-nonfinite skip): nothing trained, no adapter "
+         "written (metrics.json records the run); lower the learning rate (now 0.001) or check the data",
          strict_metrics_no_adapter, env={"SPARSEGRAD_TEST_NAN_AT_STEP": "1"}),
-    Case("calibrate-output-dir-is-file", "raw traceback",
+    Case("calibrate-output-dir-is-file", "raw traceback #85",
          lambda b, w: ((w / "f").write_text("x"), ["calibrate", "--model", str(b["model"]), "--train-file",
                                                    str(b["data"]), "--output-dir", str(w / "f")])[1],
-         2, "is a file", lambda b, w: (w / "f").read_text() == "x" or pytest.fail()),
+         2, "sparsegrad: error: --output-dir {w}/f is a file, not a folder",
+         lambda b, w: (w / "f").read_text() == "x" or pytest.fail()),
 ]
 
 
@@ -580,7 +609,8 @@ def markdown_table() -> str:
     folder, MODEL the tiny model folder)."""
     rows = ["| case | review's verdict (case #) | exit | message (one line of stderr) |", "|---|---|---|---|"]
     for case in CASES:
-        message = case.message.format(w="W", model="MODEL", data="W/train.csv", name="NAME", ro="RO", small="SMALL")
+        message = case.message.format(w="W", model="MODEL", data="W/train.csv", name="NAME", ro="RO", small="SMALL",
+                                      pid="PID")
         rows.append(f"| {case.id} | {case.before or 'neighbour'} | {case.code} | `{message or '(none)'}` |")
     return "\n".join(rows)
 
