@@ -129,7 +129,7 @@ def test_load_classifier_minilm(capfd: pytest.CaptureFixture[str]) -> None:
 
 
 def test_load_classifier_bad_args() -> None:
-    with pytest.raises(ValueError, match="num_labels must be at least 2"):
+    with pytest.raises(ValueError, match="num_labels must be an integer of at least 2"):
         M.load_classifier("minilm", 1)
     with pytest.raises(ValueError, match="got 2 label_names for num_labels=3"):
         M.load_classifier("minilm", 3, label_names=["a", "b"])

@@ -232,8 +232,8 @@ def load_classifier(
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    if num_labels < 2:
-        raise ValueError(f"num_labels must be at least 2, got {num_labels}")
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
+        raise ValueError(f"num_labels must be an integer of at least 2, got {num_labels!r}")
     if label_names is not None and len(label_names) != num_labels:
         raise ValueError(f"got {len(label_names)} label_names for num_labels={num_labels}")
     path = resolve_model(name_or_path)

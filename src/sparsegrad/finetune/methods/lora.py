@@ -31,6 +31,10 @@ from .base import (
 )
 
 
+LORA_WEIGHTS = "adapter_model.safetensors"
+"""peft's safetensors weights file (with ``safe_serialization``, its default)."""
+
+
 def lora_rank_for_budget(k: float, in_features: float, out_features: float) -> int:
     """The LoRA rank whose parameters per matrix, r * (in + out), come closest to k (at least 1)."""
     return max(1, int(round(k / (in_features + out_features))))
@@ -112,6 +116,9 @@ class Lora(Method):
     def load(self, base: nn.Module, folder: Path, *, merge: bool) -> nn.Module:
         from peft import PeftModel
 
+        if not (folder / LORA_WEIGHTS).is_file():  # peft would fall back to a pickled adapter_model.bin
+            raise ValueError(f"{folder} holds no {LORA_WEIGHTS}: sparsegrad reads LoRA weights from safetensors only "
+                             "(never a pickled .bin)")
         extra = folder / TRAINED_PARAMS_FILE
         if extra.is_file():
             load_named(base, read_safetensors(extra, "trained parameters")[0], str(extra))
