@@ -154,6 +154,27 @@ def no_merged(b, w):
     assert not (w / "merged").exists()
 
 
+class Payload:
+    """Pickled, it would create the file ``path`` when unpickled (a malicious adapter_model.bin)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def merge_pickled_lora(b, w):
+    run = copy_run(b, w, "lora")
+    (run / "adapter" / "adapter_model.safetensors").unlink()
+    torch.save({"x": Payload(w / "PWNED")}, run / "adapter" / "adapter_model.bin")
+    return ["merge", "--adapter", str(run / "adapter"), "--output", str(w / "merged")]
+
+
+def payload_not_run(b, w):
+    assert not (w / "PWNED").exists() and not (w / "merged").exists()
+
+
 def fresh_into_checkpoints(b, w):
     assert main(argv(b["model"], b["data"], w / "run", save_every=1)) == 0
     return argv(b["model"], b["data"], w / "run")
@@ -317,6 +338,13 @@ CASES = [
          merge_edited("adapter_config.json", lambda d: d.update(identity_basis=True)), 2,
          "sparsegrad: error: cannot load adapter {w}/run/adapter: {w}/run/adapter/adapter_model.safetensors holds bases but "
          "adapter_config.json records identity_basis=true; the config was edited", no_merged),
+    Case("merge-task-json-num-labels-a-string", "raw traceback #153",
+         merge_edited("task.json", lambda d: d.update(num_labels="3")), 2,
+         "sparsegrad: error: cannot load model '{model}': num_labels must be an integer of at least 2, got '3'",
+         no_merged),
+    Case("merge-lora-pickled-bin-weights", "raw traceback #161", merge_pickled_lora, 2,
+         "sparsegrad: error: cannot load adapter {w}/run/adapter: {w}/run/adapter holds no adapter_model.safetensors: "
+         "sparsegrad reads LoRA weights from safetensors only (never a pickled .bin)", payload_not_run),
     Case("merge-lora-task-json-edited", "",
          merge_edited("task.json", lambda d: d["label_names"].reverse(), "lora"), 2,
          "sparsegrad: error: cannot load adapter {w}/run/adapter: {w}/run/adapter/task.json was edited or replaced after "
