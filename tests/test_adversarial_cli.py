@@ -472,6 +472,11 @@ CASES = [
     Case("adapter-does-not-fit-a-64-KiB-disk", "raw traceback #228", on_mount("small", "run"), 1,
          "sparsegrad: error: cannot write {small}/run/adapter/task.json: the disk is full (No space left on device); "
          "nothing was half-written and the previous version, if any, is intact", mount_empty("small"), mount=True),
+    *[Case(f"lr-1e3-diverges-{method}", f"accepts bad input #{number}",
+           lambda b, w, method=method: argv(b["model"], b["data"], w / "run", method=method, steps=4, lr=1e3), 1,
+           "over 10 x its start (1.096, the lowest of the first 3 steps) for 3 steps in a row at step 4: lower the "
+           "learning rate (now 1000) or check the data; --on-nonfinite skip skips such steps instead. No adapter was "
+           "written", no_folder("run")) for method, number in (("sparsegrad", 221), ("full", 222))],
     Case("every-step-skipped", "accepts bad input #225", all_skipped, 1,
          "sparsegrad: error: every one of the 1 steps was skipped (--on-nonfinite skip): nothing trained, no adapter "
          "written (metrics.json records the run); lower the learning rate (now 0.001) or check the data",
@@ -532,14 +537,19 @@ def test_debug_shows_the_traceback(base, tmp_path):
 
 
 def test_divergence_guard_rule():
+    review = DivergenceGuard()  # the review's case 221 (--lr 1e3, 4 steps): it explodes from step 2 on
+    assert [review.observe(i, v) for i, v in enumerate([1.1, 697.3, 5025.3, 575.2], start=1)] == [False] * 3 + [True]
+    assert review.start == 1.1 and review.diverged_at == 4
     guard = DivergenceGuard()
-    fired = [guard.observe(i, loss) for i, loss in enumerate([1.1, 1.0, 0.9, 50.0, 20.0, 11.0, 5.0], start=1)]
-    assert fired == [False, False, False, False, False, True, False] and guard.diverged_at == 6
+    fired = [guard.observe(i, loss) for i, loss in enumerate([1.1, 1.0, 0.9, 50.0, 20.0, 9.5, 5.0], start=1)]
+    assert fired == [False, False, False, False, False, True, False] and guard.diverged_at == 6  # 10 x 0.9
     calm = DivergenceGuard()
     assert not any(calm.observe(i, v) for i, v in enumerate([1.0, 1.0, 1.0, 50.0, 2.0, 50.0, 50.0], start=1))
+    near_zero = DivergenceGuard()  # fits from the start: a wobble below 1 nat is no divergence
+    assert not any(near_zero.observe(i, v) for i, v in enumerate([0.01, 0.5, 0.6, 0.7, 0.8], start=1))
     resumed = DivergenceGuard()
     resumed.replay([1.1, float("nan"), 1.0, 0.9, 50.0, 20.0])  # a NaN (skipped) step neither counts nor resets
-    assert resumed.observe(7, 11.0) and resumed.diverged_at == 7
+    assert resumed.observe(7, 9.5) and resumed.diverged_at == 7
 
 
 def test_divergence_stops_the_run(base, tmp_path, capsys, monkeypatch):
@@ -549,7 +559,6 @@ def test_divergence_stops_the_run(base, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(div, "FACTOR", 1.01)  # the tiny model's loss rises less than 10x; the rule is the same
     monkeypatch.setattr(div, "PATIENCE", 1)
-    monkeypatch.setattr(div, "BASELINE_STEPS", 1)
     code = main(argv(base["model"], base["data"], tmp_path / "stop", method="full", steps=4, lr=1e3))
     err = capsys.readouterr().err
     assert code == 1 and "the training loss diverged" in err and "No adapter was written" in err
