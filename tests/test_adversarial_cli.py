@@ -259,7 +259,8 @@ def three_number_classes(b, w):
 def special_file(kind):
     """A setup whose --train-file (or --eval-file) is a directory, a FIFO, a symlink loop or a broken symlink."""
     def setup(b, w):
-        path = w / {"dir": "adir", "fifo": "fifo.csv", "loop": "loop.csv", "dangling": "gone.csv", "eval-dir": "adir"}[kind]
+        names = {"dir": "adir", "fifo": "fifo.csv", "loop": "loop.csv", "dangling": "gone.csv", "eval-dir": "adir"}
+        path = w / names[kind]
         if kind in ("dir", "eval-dir"):
             path.mkdir()
         elif kind == "fifo":
@@ -311,32 +312,38 @@ def mount_empty(which):
 
 CASES = [
     Case("merge-output-is-run-dir-overwrite", "data loss #100", merge_into_run, 2,
-         "sparsegrad: error: --output {w}/run contains --adapter {w}/run/adapter: writing there could replace the input; "
+         "sparsegrad: error: --output {w}/run contains --adapter {w}/run/adapter: writing there could replace the "
+         "input; "
          "choose a separate folder", run_intact),
     Case("merge-output-dot", "raw traceback #101", merge_dot, 2,
          "sparsegrad: error: --output . is the current folder, one of its parents, the home folder or the root: it "
          "would be replaced whole; give a new folder", run_intact),
     Case("merge-output-inside-adapter", "", merge_inside_adapter, 2,
-         "sparsegrad: error: --output {w}/run/adapter/merged lies inside --adapter {w}/run/adapter: writing there could "
+         "sparsegrad: error: --output {w}/run/adapter/merged lies inside --adapter {w}/run/adapter: writing there "
+         "could "
          "replace the input; choose a separate folder", no_folder("run/adapter/merged")),
     Case("merge-output-is-model", "", merge_into_model, 2,
          "sparsegrad: error: --output {model} is --model {model}: writing there could replace the input; choose a "
          "separate folder", nothing),
     Case("merge-over-user-folder-overwrite", "", merge_over_user_folder, 2,
-         "sparsegrad: error: --output {w}/mine is not a merged model written by sparsegrad: refusing to replace it, even "
+         "sparsegrad: error: --output {w}/mine is not a merged model written by sparsegrad: refusing to replace it, "
+         "even "
          "with --overwrite; choose a new folder",
          lambda b, w: tree(w / "mine") == {"thesis.tex"} or pytest.fail(tree(w / "mine"))),
     Case("merge-over-own-merged-overwrite", "ok", merge_twice, 0, "", merged_ok),
     Case("merge-task-json-labels-reversed", "accepts bad input #151",
          merge_edited("task.json", lambda d: d["label_names"].reverse()), 2,
-         "sparsegrad: error: cannot load adapter {w}/run/adapter: {w}/run/adapter/task.json was edited or replaced after "
+         "sparsegrad: error: cannot load adapter {w}/run/adapter: {w}/run/adapter/task.json was edited or replaced "
+         "after "
          "saving (its checksum differs from adapter_config.json); restore it or save the adapter again", no_merged),
     Case("merge-task-json-missing-model", "raw traceback #156",
          merge_edited("task.json", lambda d: d.pop("model")), 2,
-         "sparsegrad: error: {w}/run/adapter/task.json: 'model' must be a string, got None (the file was edited)", no_merged),
+         "sparsegrad: error: {w}/run/adapter/task.json: 'model' must be a string, got None (the file was "
+         "edited)", no_merged),
     Case("merge-adapter-config-edited", "accepts bad input #115",
          merge_edited("adapter_config.json", lambda d: d.update(identity_basis=True)), 2,
-         "sparsegrad: error: cannot load adapter {w}/run/adapter: {w}/run/adapter/adapter_model.safetensors holds bases but "
+         "sparsegrad: error: cannot load adapter {w}/run/adapter: {w}/run/adapter/adapter_model.safetensors holds "
+         "bases but "
          "adapter_config.json records identity_basis=true; the config was edited", no_merged),
     Case("merge-task-json-num-labels-a-string", "raw traceback #153",
          merge_edited("task.json", lambda d: d.update(num_labels="3")), 2,
@@ -347,15 +354,18 @@ CASES = [
          "sparsegrad reads LoRA weights from safetensors only (never a pickled .bin)", payload_not_run),
     Case("merge-lora-task-json-edited", "",
          merge_edited("task.json", lambda d: d["label_names"].reverse(), "lora"), 2,
-         "sparsegrad: error: cannot load adapter {w}/run/adapter: {w}/run/adapter/task.json was edited or replaced after "
+         "sparsegrad: error: cannot load adapter {w}/run/adapter: {w}/run/adapter/task.json was edited or replaced "
+         "after "
          "sparsegrad wrote it (checksum differs); restore it or write the folder again", no_merged),
     Case("merge-lora-config-edited", "",
          merge_edited("adapter_config.json", lambda d: d.update(lora_alpha=100), "lora"), 2,
-         "sparsegrad: error: cannot load adapter {w}/run/adapter: {w}/run/adapter/adapter_config.json was edited or replaced "
+         "sparsegrad: error: cannot load adapter {w}/run/adapter: {w}/run/adapter/adapter_config.json was edited or "
+         "replaced "
          "after sparsegrad wrote it (checksum differs); restore it or write the folder again", no_merged),
     Case("fresh-run-into-checkpoints", "data loss #72", fresh_into_checkpoints, 2,
          "sparsegrad: error: {w}/run/checkpoints holds the checkpoints of another run (up to step-2): continue it with "
-         "`sparsegrad finetune --resume {w}/run`, or pass --overwrite to delete them and start afresh", checkpoints_kept),
+         "`sparsegrad finetune --resume {w}/run`, or pass --overwrite to delete them and start "
+         "afresh", checkpoints_kept),
     Case("fresh-run-overwrite-user-file-in-step", "", fresh_overwrite, 2,
          "sparsegrad: error: refusing to delete {w}/run/checkpoints: it holds files sparsegrad did not write "
          "(step-2/mine.txt); move them away first (a fresh run cannot start over the checkpoints in "
@@ -364,7 +374,8 @@ CASES = [
     Case("users-own-checkpoints-folder", "data loss #71", user_checkpoints, 0, "", user_file_kept),
     Case("output-dir-empty-string", "accepts bad input #68",
          lambda b, w: (os.chdir(w), argv(b["model"], b["data"], ""))[1], 2,
-         "sparsegrad: error: --output-dir is empty: give a folder name", lambda b, w: tree(w) == set() or pytest.fail(tree(w))),
+         "sparsegrad: error: --output-dir is empty: give a folder "
+         "name", lambda b, w: tree(w) == set() or pytest.fail(tree(w))),
     Case("output-dir-under-a-file", "", lambda b, w: ((w / "f").write_text("x"), argv(b["model"], b["data"], w / "f" / "r"))[1],
          2, "sparsegrad: error: --output-dir {w}/f/r: {w}/f is a file, not a folder",
          lambda b, w: (w / "f").read_text() == "x" or pytest.fail()),
@@ -372,9 +383,11 @@ CASES = [
          "sparsegrad: error: --output-dir {model} is --model {model}: writing there could replace the input; choose a "
          "separate folder", nothing),
     Case("second-writer-locked", "raw traceback #246", locked, 2,
-         "sparsegrad: error: --output-dir {w}/run is in use by another sparsegrad process (PID {pid}); wait for it to finish, "
+         "sparsegrad: error: --output-dir {w}/run is in use by another sparsegrad process (PID {pid}); wait for it "
+         "to finish, "
          "stop it, or choose another folder", lock_released),
-    Case("k-larger-than-matrices", "raw traceback #47", lambda b, w: argv(b["model"], b["data"], w / "run", k=100000000),
+    Case("k-larger-than-matrices", "raw traceback #47",
+         lambda b, w: argv(b["model"], b["data"], w / "run", k=100000000),
          2, "sparsegrad: error: --k 100000000 exceeds the 2,048 entries of the 32x64 MLP matrices of {model} "
          "(config.json): give --k <= 2048 or a --density", no_folder("run")),
     Case("k-larger-than-a-custom-target", "",

@@ -54,6 +54,7 @@ class DivergenceGuard:
                 f"({self.start:.4g}, the lowest of the first {BASELINE_STEPS} steps) for {PATIENCE} steps in a row")
 
     def record(self) -> dict:
-        return {"rule": f"loss > {FACTOR:g} x the lowest of the first {BASELINE_STEPS} applied steps (and > "
-                        f"{MIN_LOSS:g}), {PATIENCE} steps in a row", "start_loss": self.start if self.baseline else None,
+        rule = (f"loss > {FACTOR:g} x the lowest of the first {BASELINE_STEPS} applied steps (and > {MIN_LOSS:g}), "
+                f"{PATIENCE} steps in a row")
+        return {"rule": rule, "start_loss": self.start if self.baseline else None,
                 "diverged_at_step": self.diverged_at}
