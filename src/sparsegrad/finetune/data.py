@@ -136,6 +136,13 @@ class TextClassificationData:
         """Id -> label name."""
         return dict(enumerate(self.label_names))
 
+    def check_trainable(self, max_train: int | None) -> None:
+        """A classifier trains on at least two classes: a ``max_train`` subset of one class is refused (callers
+        that only need eval examples, e.g. `generate`, skip this)."""
+        if max_train is not None:
+            _check_classes(self.name, self.train_labels, self.label_names,
+                           f"the training subset of max_train={max_train} rows")
+
     def class_counts(self) -> dict[str, dict[str, int]]:
         """Per split, the number of examples of each class: ``{"train": {name: n}, "eval": {...}}``."""
         out: dict[str, dict[str, int]] = {}
@@ -277,11 +284,6 @@ def _check_classes(name: str, labels: Sequence[int], label_names: Sequence[str],
         )
 
 
-def _check_subset_classes(name: str, labels: Sequence[int], label_names: Sequence[str], max_train: int | None) -> None:
-    if max_train is not None:
-        _check_classes(name, labels, label_names, f"the training subset of max_train={max_train} rows")
-
-
 def _assemble(
     name: str,
     texts: list[str],
@@ -303,7 +305,6 @@ def _assemble(
     groups = _shuffled_by_class(range(len(labels)), labels, rng)
     train_g, eval_g = _split_groups(groups, eval_fraction)
     tr, ev = _take(train_g, max_train), _take(eval_g, max_eval)
-    _check_subset_classes(name, [labels[i] for i in tr], label_names, max_train)
     if not ev:
         raise ValueError(
             f"{name}: the eval split is empty ({len(texts)} unique texts, eval_fraction={eval_fraction}); "
@@ -725,7 +726,6 @@ def load_files(
     rng = random.Random(seed)
     tr = _take(_shuffled_by_class(range(len(train_y)), train_y, rng), max_train)
     ev = _take(_shuffled_by_class(range(len(eval_y)), eval_y, rng), max_eval)
-    _check_subset_classes(name, [train_y[i] for i in tr], label_names, max_train)
     return TextClassificationData(
         train_texts=[train_t[i] for i in tr],
         train_labels=[train_y[i] for i in tr],
