@@ -509,6 +509,25 @@ def test_calibration_cases(name, make, batches, loss_fn, exc, fragment):
     assert [p.requires_grad for p in model.parameters()] == flags and all(p.grad is None for p in model.parameters())
 
 
+CONFIG_CASES = [
+    # the review's cases 170, 179, 183: a bool is an int to Python, not a budget, a block or a step count
+    ({"density": True}, "SparseGradConfig.density must be in (0, 1], got True"),
+    ({"layers_to_transform": [True]}, "SparseGradConfig.layers_to_transform must be non-negative block indices, got "
+                                      "[True]"),
+    ({"layers_to_transform": True}, "SparseGradConfig.layers_to_transform must be non-negative block indices, got "
+                                    "[True]"),
+    ({"score_steps": True}, "SparseGradConfig.score_steps must be >= 0 or None, got True"),
+]
+
+
+@pytest.mark.parametrize("fields,message", CONFIG_CASES, ids=[str(c[0]) for c in CONFIG_CASES])
+def test_config_refuses_bools(fields, message):
+    with pytest.raises(ValueError) as info:
+        sg.SparseGradConfig(**fields)
+    assert str(info.value) == message
+    assert sg.SparseGradConfig(density=1, layers_to_transform=[0, 1], score_steps=0).density == 1  # ints still do
+
+
 def test_calibration_neighbours_that_must_pass():
     ignored = lm_batch(lambda l: l[:, :3].fill_(-100))  # -100: ignored positions
     sg.estimate_bases(make_tiny_llama(), sg.SparseGradConfig(target_modules=sg.LLAMA_MLP_TARGETS, density=0.05),

@@ -114,14 +114,14 @@ def test_a_generic_file_name_takes_its_folder_name(tmp_path):
 def test_bad_file_contents_exit_2(capsys, tmp_path, tiny):
     bad = tmp_path / "bad.csv"
     bad.write_text("sentence,label\nhello,a\nworld,b\n")
-    code, err = _err(capsys, ["finetune", "--train-file", str(bad), "--model", str(tiny[0])])
+    code, err = _err(capsys, ["finetune", "--train-file", str(bad), "--model", str(tiny[0]), "--max-length", "32"])
     assert code == 2 and "sparsegrad: error:" in err and "no text column 'text'" in err
     assert len(err.strip().splitlines()) == 1
     code, err = _err(capsys, ["finetune", "--train-file", str(tiny[1]), "--model", str(tiny[0]), "--max-length", "100"])
-    assert code == 2 and "exceeds the model's 64 positions" in err
+    assert code == 2 and "--max-length 100 exceeds the 64 positions of" in err  # from config.json, before loading
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    code, err = _err(capsys, ["finetune", "--train-file", str(tiny[1]), "--model", str(tiny[0]),
+    code, err = _err(capsys, ["finetune", "--train-file", str(tiny[1]), "--model", str(tiny[0]), "--max-length", "32",
                               "--output-dir", str(blocker / "run")])
     assert code == 2 and "is a file, not a folder" in err  # the pre-flight, before any model loads
 

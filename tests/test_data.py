@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -322,8 +324,56 @@ def test_missing_files(tmp_path: Path) -> None:
     train = _write_csv(tmp_path / "t.csv", _rows({"a": 3, "b": 3}))
     with pytest.raises(FileNotFoundError, match=r"eval file not found: .*gone\.jsonl"):
         D.load_files(train, tmp_path / "gone.jsonl")
-    with pytest.raises(FileNotFoundError, match="is not a regular file"):
+    with pytest.raises(IsADirectoryError, match="is a directory, not a regular file"):
         D.load_files(tmp_path)
+    os.mkfifo(tmp_path / "fifo.csv")  # opening it would block: refused from its type
+    (tmp_path / "loop.csv").symlink_to("loop.csv")
+    (tmp_path / "dangling.csv").symlink_to("gone.csv")
+    for name, problem in (("fifo.csv", "is not a regular file (a FIFO)"), ("loop.csv", "is a symlink loop"),
+                          ("dangling.csv", "is a broken symlink (to gone.csv)")):
+        with pytest.raises(ValueError) as info:
+            D.load_files(tmp_path / name)
+        assert str(info.value) == f"training file {tmp_path / name} {problem}"
+
+
+def test_numeric_spellings_of_one_label_are_one_class(tmp_path: Path) -> None:
+    """'1' and '1.0' in one column are one class (as pandas and datasets read them), with one warning line naming
+    what was merged; an eval file's spelling joins the training file's."""
+    rows = [(f"t{i}", ["0", "1.0", "1", "0.0", "2"][i % 5]) for i in range(30)]
+    train = _write_csv(tmp_path / "t.csv", rows)
+    evals = _write_csv(tmp_path / "e.csv", [("e1", "2.00"), ("e2", "1")])
+    with pytest.warns(UserWarning) as record:
+        d = D.load_files(train, evals)
+    assert [str(w.message) for w in record] == [
+        f"{train} and {evals}: labels that spell one number are read as one class: '0'/'0.0' -> '0'; "
+        "'1.0'/'1' -> '1'; '2'/'2.00' -> '2'"]
+    assert d.label_names == ["0", "1", "2"] and d.eval_labels == [2, 1]
+    assert Counter(d.train_labels) == {0: 12, 1: 12, 2: 6}
+    plain = _write_csv(tmp_path / "p.csv", [(f"t{i}", ["0.0", "1.0", "x"][i % 3]) for i in range(9)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one spelling per number: read as it is, no warning
+        assert D.load_files(plain, eval_fraction=0.4).label_names == ["0.0", "1.0", "x"]
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("text,label\na,x\nb,y,z\n", "line 3: the row has more fields than the header (3 fields, the header has 2 "
+                                  "columns); quote a text that holds the delimiter"),
+    ("text,label,src\na,x,s\nb,y\n", "line 3: the row has fewer fields than the header (2 fields, the header has 3 "
+                                      "columns)"),
+])
+def test_rows_with_another_field_count_are_refused(tmp_path: Path, content: str, message: str) -> None:
+    f = tmp_path / "rows.csv"
+    f.write_text(content)
+    with pytest.raises(ValueError) as info:
+        D.load_files(f)
+    assert str(info.value) == f"{f} {message}"
+
+
+def test_one_column_as_text_and_label_is_refused(tmp_path: Path) -> None:
+    train = _write_csv(tmp_path / "t.csv", _rows({"a": 3, "b": 3}))
+    with pytest.raises(ValueError, match="^the text column and the label column are both 'label': they must be two "
+                                         "different columns$"):
+        D.load_files(train, text_column="label")
 
 
 def test_unseen_eval_label(tmp_path: Path) -> None:

@@ -153,7 +153,8 @@ def test_refusals(assets, run):
             FinetuneConfig(**cfg, lora_rank=2).validate()
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="--device cuda: CUDA is not available"):
-            main_raises(["finetune", "--model", str(model), "--train-file", str(data), "--device", "cuda"])
+            main_raises(["finetune", "--model", str(model), "--train-file", str(data), "--max-length", "32",
+                         "--device", "cuda"])
 
 
 def main_raises(argv):

@@ -35,6 +35,9 @@ def test_resolve_minilm() -> None:
 
 
 def test_resolve_local_dir(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="holds no config.json: not a Hugging Face model folder"):
+        M.resolve_model(tmp_path)  # an empty folder: transformers would ask for sentencepiece
+    (tmp_path / "config.json").write_text("{}")
     assert M.resolve_model(str(tmp_path)) == str(tmp_path)
     assert M.resolve_model(tmp_path) == str(tmp_path)
 
@@ -126,7 +129,7 @@ def test_load_classifier_minilm(capfd: pytest.CaptureFixture[str]) -> None:
 
 
 def test_load_classifier_bad_args() -> None:
-    with pytest.raises(ValueError, match="num_labels must be at least 2"):
+    with pytest.raises(ValueError, match="num_labels must be an integer of at least 2"):
         M.load_classifier("minilm", 1)
     with pytest.raises(ValueError, match="got 2 label_names for num_labels=3"):
         M.load_classifier("minilm", 3, label_names=["a", "b"])

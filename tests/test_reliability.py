@@ -370,8 +370,8 @@ def test_lora_adapter_truncated(tiny, tmp_path, capsys):
 def test_adversarial_data_files(tmp_path, capsys, tiny, name, content, message):
     f = tmp_path / name
     f.write_bytes(content)
-    code, err = run_cli(["finetune", "--train-file", str(f), "--model", str(tiny["model"]), "--output-dir",
-                         str(tmp_path / "out")], capsys)
+    code, err = run_cli(["finetune", "--train-file", str(f), "--model", str(tiny["model"]), "--max-length", "32",
+                         "--output-dir", str(tmp_path / "out")], capsys)
     assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 

@@ -105,8 +105,9 @@ class SparseGradConfig:
                 raise ValueError(f"SparseGradConfig.k must be a positive integer, got {self.k!r}")
         elif self.density is None:
             raise ValueError("SparseGradConfig needs a budget: set k or density")
-        if self.density is not None and not (
-            isinstance(self.density, (int, float)) and 0.0 < float(self.density) <= 1.0
+        if self.density is not None and not (  # True is an int: refused, as torch.optim refuses lr=True
+            isinstance(self.density, (int, float)) and not isinstance(self.density, bool)
+            and 0.0 < float(self.density) <= 1.0
         ):
             raise ValueError(f"SparseGradConfig.density must be in (0, 1], got {self.density!r}")
         if self.support not in SUPPORT_MODES:
@@ -123,7 +124,7 @@ class SparseGradConfig:
         if self.layers_to_transform is not None:
             if isinstance(self.layers_to_transform, int):
                 self.layers_to_transform = [self.layers_to_transform]
-            if not all(isinstance(i, int) and i >= 0 for i in self.layers_to_transform):
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers_to_transform):
                 raise ValueError(
                     f"SparseGradConfig.layers_to_transform must be non-negative block indices, "
                     f"got {self.layers_to_transform!r}"
@@ -137,7 +138,8 @@ class SparseGradConfig:
                 raise ValueError(f"SparseGradConfig.modules_to_save must be a list of module names, "
                                  f"got {self.modules_to_save!r}")
             self.modules_to_save = list(self.modules_to_save)
-        if self.score_steps is not None and (not isinstance(self.score_steps, int) or self.score_steps < 0):
+        if self.score_steps is not None and (not isinstance(self.score_steps, int) or isinstance(self.score_steps, bool)
+                                             or self.score_steps < 0):
             raise ValueError(f"SparseGradConfig.score_steps must be >= 0 or None, got {self.score_steps!r}")
 
     def budget(self, out_features: int, in_features: int, name: str = "module") -> int:

@@ -50,9 +50,10 @@ from .choices import (
     TASK_NAMES,
     lr_help,
 )
-from .data import file_task_name
+from . import preflight
+from .data import check_columns, file_task_name
 from .errors import TrainingDiverged, TrainingInterrupted, UsageError
-from .model_kind import is_causal_lm
+from .model_kind import is_causal_lm, model_folder_problem
 from .choices import DEFAULT_VAL_FRACTION, VAL_METRICS
 
 PROG = "sparsegrad"
@@ -74,6 +75,13 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}{nearest_hint(message, self)}\nsee `{self.prog} --help`\n")
+
+
+class RaisingParser(Parser):
+    """`Parser` that raises its usage error as a UsageError (a command line checked from inside another command)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message}{nearest_hint(message, self)}")
 
 
 def option_strings(parser: argparse.ArgumentParser) -> list[str]:
@@ -261,9 +269,9 @@ def _add_train_args(p: argparse.ArgumentParser, *, compare: bool) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(parser_class: type[Parser] = Parser) -> argparse.ArgumentParser:
     intro, examples = __doc__.split("\nexamples:\n")
-    parser = Parser(prog=PROG, description=intro, epilog="examples:\n" + examples,
+    parser = parser_class(prog=PROG, description=intro, epilog="examples:\n" + examples,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
@@ -382,9 +390,12 @@ def _check_data_args(args: argparse.Namespace) -> None:
     if args.task_name is not None and args.train_file is None:
         raise UsageError("--task-name names a --train-file run (bundled tasks keep their names)")
     for flag in ("train_file", "eval_file"):
-        path = getattr(args, flag)
-        if path is not None and not Path(path).is_file():
-            raise UsageError(f"--{flag.replace('_', '-')} {path}: no such file")
+        preflight.check_data_file(getattr(args, flag), "--" + flag.replace("_", "-"))
+    if args.train_file is not None:
+        with usage_error():
+            check_columns(args.text_column, args.label_column, ("--text-column", "--label-column"))
+            check_columns(args.prompt_column or "prompt", args.response_column or "response",
+                          ("--prompt-column", "--response-column"))
     _check_model_arg(args.model)
     if args.train_file is None and args.task is None:
         args.task = "bbc-instruct" if is_causal_lm(args.model) else "bbc"
@@ -399,10 +410,24 @@ def _task_name(args: argparse.Namespace) -> str:
     return args.task or args.task_name or file_task_name(args.train_file)
 
 
-def _check_model_arg(model: str | None) -> None:
-    if model is not None and model not in BUNDLED_MODELS and not Path(model).is_dir():
-        raise UsageError(f"--model {model}: neither a bundled model ({', '.join(BUNDLED_MODELS)}) nor an existing "
+@contextlib.contextmanager
+def usage_error():
+    """A ValueError of a check becomes the UsageError the CLI prints as one line."""
+    try:
+        yield
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _check_model_arg(model: str | None, bundled=BUNDLED_MODELS) -> None:
+    if model is None or model in bundled:
+        return
+    if not Path(model).is_dir():
+        raise UsageError(f"--model {model}: neither a bundled model ({', '.join(bundled)}) nor an existing "
                          "model folder (hub names are not downloaded)")
+    problem = model_folder_problem(model)
+    if problem is not None:
+        raise UsageError(f"--model {model} {problem}")
 
 
 def _check_method_args(args: argparse.Namespace, method: str) -> None:
@@ -494,17 +519,33 @@ def cmd_finetune(args: argparse.Namespace, command: str) -> int:
     from .loop import finetune
     from .tasks import task_for
 
-    _check_data_args(args)
-    _check_budget_args(args)
-    _check_method_args(args, args.method)
-    cfg = _resume_finetune_config(args, command) if args.resume is not None else _finetune_config(args, command)
-    cfg.validate()
+    cfg = checked_finetune_config(args, command)
     m = finetune(cfg)
     if env_world_size() > 1 and os.environ.get("RANK", "0") != "0":
         return 0  # rank 0 prints the summary
     print()
     print("\n".join(task_for(cfg).summary_lines(m)))
     return 0
+
+
+def checked_finetune_config(args: argparse.Namespace, command: str):
+    """The run's FinetuneConfig, after every check `finetune` can make before a model loads (flags, data files,
+    the model folder, the budget against its config.json)."""
+    _check_data_args(args)
+    _check_budget_args(args)
+    _check_method_args(args, args.method)
+    cfg = _resume_finetune_config(args, command) if args.resume is not None else _finetune_config(args, command)
+    cfg.validate()
+    preflight.check_budget(cfg.model, k=cfg.k, lora_rank=cfg.lora_rank, target_modules=cfg.target_modules)
+    preflight.check_positions(cfg.model, cfg.max_length)
+    return cfg
+
+
+def check_finetune_argv(argv: list[str]):
+    """`checked_finetune_config` of one `sparsegrad finetune` command line (compare's runs, before any starts);
+    a bad flag is a UsageError here, not an exit."""
+    args = build_parser(RaisingParser).parse_args(argv)
+    return checked_finetune_config(args, " ".join(shlex.quote(a) for a in [PROG, *argv]))
 
 
 def cmd_calibrate(args: argparse.Namespace, command: str) -> int:
@@ -518,6 +559,8 @@ def cmd_calibrate(args: argparse.Namespace, command: str) -> int:
     out_dir = Path(args.output_dir) if args.output_dir is not None else Path("runs") / (
         f"calibrate-{_task_name(args)}-s{args.seed}")
     check_output_folder(out_dir, {"--model": args.model, "--train-file": args.train_file})
+    preflight.check_budget(args.model, k=args.k, target_modules=args.target_modules)
+    preflight.check_positions(args.model, args.max_length)
     report, path, seconds = calibrate(
         model=args.model, task=args.task, train_file=args.train_file, eval_file=args.eval_file,
         text_column=args.text_column, label_column=args.label_column, max_train=args.max_train or None,
@@ -596,7 +639,15 @@ def cmd_compare(args: argparse.Namespace, command: str) -> int:
     sparsegrad_only = [arg for flag in CALIBRATION_FLAGS if getattr(args, flag) is not None
                        for arg in ("--" + flag.replace("_", "-"), str(getattr(args, flag)))]
     return compare.run_compare(methods, seeds, common, out_dir, lrs=lrs, overwrite=args.overwrite, command=command,
-                               sparsegrad_args=sparsegrad_only)
+                               sparsegrad_args=sparsegrad_only, check=check_compare_runs)
+
+
+def check_compare_runs(runs: list[list[str]]) -> None:
+    """Before compare starts any run: every run's command line passes finetune's checks (`check_finetune_argv`),
+    and the shared data reads (`preflight.check_data`), so one bad setting is one line, not a failure per run."""
+    configs = [check_finetune_argv(argv) for argv in runs]
+    if configs:  # every run reads the same data
+        preflight.check_data(configs[0])
 
 
 def cmd_generate(args: argparse.Namespace, command: str) -> int:
@@ -604,8 +655,7 @@ def cmd_generate(args: argparse.Namespace, command: str) -> int:
 
     if args.adapter is not None and not Path(args.adapter).is_dir():
         raise UsageError(f"--adapter {args.adapter}: no such folder")
-    if args.model is not None and args.model != "smollm2" and not Path(args.model).is_dir():
-        raise UsageError(f"--model {args.model}: neither the bundled causal LM (smollm2) nor an existing folder")
+    _check_model_arg(args.model, bundled=("smollm2",))
     if args.prompt is None and args.task is None and args.adapter is None:
         raise UsageError("give --prompt or --task")
     if args.adapter is not None and args.dtype is not None:

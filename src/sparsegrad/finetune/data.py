@@ -16,16 +16,19 @@ deterministic across runs and machines (only :class:`random.Random` with an int 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
 import os
 import random
 import re
+import stat
 import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +47,9 @@ __all__ = [
     "tokenize",
     "make_batches",
     "load_lm_text",
+    "file_problem",
+    "check_columns",
+    "merge_number_spellings",
 ]
 
 GENERIC_FILE_STEMS = frozenset({"train", "training", "train_data", "train-data", "data", "dataset", "all", "full",
@@ -129,6 +135,13 @@ class TextClassificationData:
     def id2label(self) -> dict[int, str]:
         """Id -> label name."""
         return dict(enumerate(self.label_names))
+
+    def check_trainable(self, max_train: int | None) -> None:
+        """A classifier trains on at least two classes: a ``max_train`` subset of one class is refused (callers
+        that only need eval examples, e.g. `generate`, skip this)."""
+        if max_train is not None:
+            _check_classes(self.name, self.train_labels, self.label_names,
+                           f"the training subset of max_train={max_train} rows")
 
     def class_counts(self) -> dict[str, dict[str, int]]:
         """Per split, the number of examples of each class: ``{"train": {name: n}, "eval": {...}}``."""
@@ -484,6 +497,9 @@ def _read_delimited(path: Path, text_column: str, label_column: str) -> tuple[li
     for column, role in ((text_column, "text"), (label_column, "label")):
         if column not in header:
             raise _missing_column(path, column, role, header)
+        if header.count(column) > 1:  # csv.DictReader would silently read the last of them
+            raise ValueError(f"{path} line 1: the header names the {role} column {column!r} {header.count(column)} "
+                             "times; rename all but one")
     texts: list[str] = []
     labels: list[str] = []
     rows = iter(reader)
@@ -497,13 +513,26 @@ def _read_delimited(path: Path, text_column: str, label_column: str) -> tuple[li
             raise ValueError(f"{path} line {reader.line_num}: not readable as {kind} ({exc}); check the quoting and "
                              "the delimiter") from None
         where = f"{path} line {reader.line_num}"
-        if row.get(text_column) is None or row.get(label_column) is None:
-            raise ValueError(f"{where}: the row has fewer fields than the header ({len(header)} columns)")
+        check_field_count(row, header, where)
         texts.append(_text_str(row[text_column], where, text_column))
         labels.append(_label_str(row[label_column], where))
     if not texts:
         raise ValueError(f"{path} has a header but no data rows")
     return texts, labels
+
+
+def check_field_count(row: dict, header: Sequence[str], where: str) -> None:
+    """A csv.DictReader row must have as many fields as the header: DictReader would file extra fields under
+    None (dropped) and fill missing ones with None, silently."""
+    extra = row.get(None) or []
+    fields = sum(value is not None for key, value in row.items() if key is not None) + len(extra)
+    if fields == len(header):
+        return
+    side = "more" if fields > len(header) else "fewer"
+    hint = "; quote a text that holds the delimiter" if extra else ""
+    count = f"{fields} field{'s' * (fields != 1)}"
+    raise ValueError(f"{where}: the row has {side} fields than the header ({count}, the header has {len(header)} "
+                     f"columns){hint}")
 
 
 def _json_records(path: Path, content: str) -> list[tuple[str, Any]]:
@@ -549,12 +578,43 @@ def _read_jsonl(path: Path, text_column: str, label_column: str) -> tuple[list[s
     return texts, labels
 
 
+def file_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot be read as a data file ("no such file", "is a directory, not a regular file", "is a
+    symlink loop", ...), or None for a regular file. Checked before reading: opening a FIFO would block."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symlink loop"
+        if os.path.islink(path):
+            return f"is a broken symlink (to {os.readlink(path)})"
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "no such file"
+        return f"cannot be read ({exc.strerror})"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a regular file"
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+        return f"is not a regular file ({kind})"
+    return None
+
+
+def check_columns(first: str, second: str, names: tuple[str, str] = ("the text column", "the label column")) -> None:
+    """The two columns a file is read by must differ (one column read as both would make every text its own
+    label)."""
+    if first == second:
+        raise ValueError(f"{names[0]} and {names[1]} are both {first!r}: they must be two different columns")
+
+
 def read_records(path: str | os.PathLike[str], text_column: str, label_column: str, role: str) -> tuple[list[str], list[str]]:
     p = Path(path)
-    if not p.exists():
+    problem = file_problem(p)
+    if problem == "no such file":
         raise FileNotFoundError(f"{role} file not found: {p}")
-    if not p.is_file():
-        raise FileNotFoundError(f"{role} file {p} is not a regular file")
+    if problem is not None:
+        raise (IsADirectoryError if p.is_dir() else ValueError)(f"{role} file {p} {problem}")
+    check_columns(text_column, label_column)
     suffix = p.suffix.lower()
     if suffix in (".csv", ".tsv"):
         return _read_delimited(p, text_column, label_column)
@@ -563,6 +623,35 @@ def read_records(path: str | os.PathLike[str], text_column: str, label_column: s
     raise ValueError(
         f"{p}: unsupported file type {suffix or '(no extension)'!r}; use one of {', '.join(_SUPPORTED_SUFFIXES)}"
     )
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def merge_number_spellings(label_lists: Sequence[list[str]], source: str) -> list[list[str]]:
+    """Labels that spell one number ('1' and '1.0', '01', '1e0') are one class, as pandas and `datasets` read them:
+    each such group is renamed to one spelling (the integer's, '1', else the first seen), with one warning line
+    naming the spellings merged. Labels that spell each number once are left as they are."""
+    groups: dict[Decimal, list[str]] = {}
+    for labels in label_lists:
+        for label in labels:
+            if _NUMBER.fullmatch(label):
+                spellings = groups.setdefault(Decimal(label), [])
+                if label not in spellings:
+                    spellings.append(label)
+    rename: dict[str, str] = {}
+    merged = []
+    for value, spellings in groups.items():
+        if len(spellings) > 1:
+            integral = value == value.to_integral_value() and value.adjusted() < 30  # no 1e999999 digits
+            name = str(int(value)) if integral else spellings[0]
+            rename.update({s: name for s in spellings})
+            merged.append(f"{'/'.join(repr(s) for s in spellings)} -> {name!r}")
+    if not merged:
+        return [list(labels) for labels in label_lists]
+    warnings.warn(f"{source}: labels that spell one number are read as one class: {'; '.join(merged)}",
+                  UserWarning, stacklevel=3)
+    return [[rename.get(label, label) for label in labels] for labels in label_lists]
 
 
 def _sorted_label_names(labels: Sequence[str]) -> list[str]:
@@ -596,6 +685,9 @@ def load_files(
     _check_max("max_eval", max_eval)
     name = file_task_name(train_file)
     train_t, train_s = read_records(train_file, text_column, label_column, "training")
+    eval_t, eval_s = read_records(eval_file, text_column, label_column, "eval") if eval_file is not None else ([], [])
+    source = f"{train_file}" + (f" and {eval_file}" if eval_file is not None else "")
+    train_s, eval_s = merge_number_spellings([train_s, eval_s], source)
     label_names = _sorted_label_names(train_s)
     label2id = {n: i for i, n in enumerate(label_names)}
     train_y = [label2id[s] for s in train_s]
@@ -611,7 +703,6 @@ def load_files(
             max_eval=max_eval,
         )
 
-    eval_t, eval_s = read_records(eval_file, text_column, label_column, "eval")
     unseen = [s for s in eval_s if s not in label2id]
     if unseen:
         raise ValueError(

@@ -37,3 +37,18 @@ def is_causal_lm(name_or_path: str | None) -> bool:
         return any(a.endswith(CAUSAL_LM_ARCHITECTURE_SUFFIXES) for a in archs)
     model_type = info.get("model_type")
     return isinstance(model_type, str) and model_type not in ENCODER_MODEL_TYPES
+
+
+def model_folder_problem(path: str | Path) -> str | None:
+    """Why the folder ``path`` is no Hugging Face model folder (it holds no config.json), or None. Checked before
+    transformers reads it: without config.json it asks for a tokenizer backend (sentencepiece) instead."""
+    folder = Path(path).expanduser()
+    if (folder / "config.json").is_file():
+        return None
+    if (folder / "adapter_config.json").is_file():
+        hint = " (it holds adapter_config.json: an adapter; give the base model it was trained on)"
+    elif not any(folder.iterdir()):
+        hint = " (the folder is empty)"
+    else:
+        hint = ""
+    return f"holds no config.json: not a Hugging Face model folder{hint}"

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .bundled import BUNDLED_MODELS, PIP_HINTS, package_dir
+from .model_kind import model_folder_problem
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -169,6 +170,17 @@ def smollm2_dir(cache_dir: str | os.PathLike[str] | None = None) -> str:
     return str(target)
 
 
+def bundled_model_folder(name_or_path: str | os.PathLike[str] | None) -> Path | None:
+    """The folder of a model as it is on disk now: a bundled model's (None for SmolLM2 before its first
+    conversion; nothing is converted here) or the path itself."""
+    if name_or_path is None or str(name_or_path) == "minilm":
+        return Path(minilm_dir())
+    if str(name_or_path) == "smollm2":
+        target = default_cache_root() / _SMOLLM2_CACHE_NAME
+        return target if (target / "config.json").is_file() else None
+    return Path(name_or_path).expanduser()
+
+
 def resolve_model(name_or_path: str | os.PathLike[str] | None) -> str:
     """A local checkpoint directory for a bundled model name or an existing directory.
 
@@ -181,6 +193,9 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None) -> str:
         return smollm2_dir()
     p = Path(name_or_path).expanduser()
     if p.is_dir():
+        problem = model_folder_problem(p)
+        if problem is not None:
+            raise ValueError(f"model folder {p} {problem}")
         return str(p)
     raise ValueError(
         f"model {str(name_or_path)!r} is neither a bundled model ({', '.join(BUNDLED_MODELS)}) "
@@ -217,8 +232,8 @@ def load_classifier(
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    if num_labels < 2:
-        raise ValueError(f"num_labels must be at least 2, got {num_labels}")
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
+        raise ValueError(f"num_labels must be an integer of at least 2, got {num_labels!r}")
     if label_names is not None and len(label_names) != num_labels:
         raise ValueError(f"got {len(label_names)} label_names for num_labels={num_labels}")
     path = resolve_model(name_or_path)

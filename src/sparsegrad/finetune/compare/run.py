@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
 from argparse import Namespace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import UsageError
 from ..methods import METHODS
@@ -93,6 +94,9 @@ def parse_lrs(text: str | None, methods: list[str]) -> dict[str, float | str]:
         if not sep or name not in {base_method(m) for m in METHOD_LABELS} | set(METHOD_LABELS):
             raise UsageError(f"--lr: expected method=value pairs (methods: {', '.join(METHOD_LABELS)}), got {part!r}")
         out[name] = number(value)
+    absent = [name for name in out if base_method(name) not in {base_method(m) for m in methods}]
+    if absent:
+        raise UsageError(f"--lr names {absent[0]!r}, which is not in --methods ({', '.join(methods)})")
     return out
 
 
@@ -154,33 +158,60 @@ def run_dir_name(label: str, seed: int) -> str:
     return f"{label}-s{seed}"
 
 
+def finetune_argv(label: str, seed: int, common: list[str], run_dir: Path, lrs: dict[str, float],
+                  sparsegrad_args: list[str] | None) -> list[str]:
+    """The `sparsegrad finetune` command line (after the program name) of one run."""
+    method, support = METHOD_LABELS[label]
+    argv = ["finetune", "--method", method, "--seed", str(seed), "--output-dir", str(run_dir), *common,
+            "--no-progress"]
+    if METHODS[method].sparse:
+        argv += ["--support", support]
+    if METHODS[method].calibrates:
+        argv += list(sparsegrad_args or [])
+    lr = _lr_for(label, lrs)
+    if lr is not None:
+        argv += ["--lr", lr if lr == "auto" else repr(lr)]
+    return argv
+
+
+def failure_line(log: Path, returncode: int) -> str:
+    """The reason a run failed, from its log: its last `sparsegrad: error:` line, else the signal that killed it,
+    else the log's last line."""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"sparsegrad( \w+)?: error:", line)]  # argparse's has the command
+    if errors:
+        return errors[-1]
+    if returncode < 0:
+        return f"killed by signal {-returncode}"
+    return lines[-1] if lines else "(nothing in run.log)"
+
+
 def run_compare(methods: list[str], seeds: list[int], common: list[str], out_dir: Path, *,
                 lrs: dict[str, float] | None = None, overwrite: bool = False, command: str | None = None,
-                python: str | None = None, sparsegrad_args: list[str] | None = None) -> int:
+                python: str | None = None, sparsegrad_args: list[str] | None = None,
+                check: Callable[[list[list[str]]], None] | None = None) -> int:
     """Run (or skip) every method x seed, then write the reports. Returns 0, or 1 if any run failed.
-    ``sparsegrad_args`` (finetune flags such as ``--score-steps 1``) go to the SparseGrad runs only."""
+    ``sparsegrad_args`` (finetune flags such as ``--score-steps 1``) go to the SparseGrad runs only. ``check``
+    gets the finetune command lines of the runs to start, before the first starts (it raises to refuse them)."""
     lrs = lrs or {}
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     runs = [(label, seed) for seed in seeds for label in methods]
-    failed: list[str] = []
+    todo = [(label, seed) for label, seed in runs
+            if overwrite or not (out_dir / run_dir_name(label, seed) / "metrics.json").is_file()]
+    if check is not None:
+        check([finetune_argv(label, seed, common, out_dir / run_dir_name(label, seed), lrs, sparsegrad_args)
+               for label, seed in todo])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failed: dict[str, str] = {}
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     for i, (label, seed) in enumerate(runs, start=1):
         run_dir = out_dir / run_dir_name(label, seed)
         tag = f"[{i}/{len(runs)}] {label} seed {seed}"
-        if (run_dir / "metrics.json").is_file() and not overwrite:
+        if (label, seed) not in todo:
             print(f"{tag}: metrics.json exists, skipped (--overwrite reruns it)", flush=True)
             continue
-        method, support = METHOD_LABELS[label]
-        argv = [python or sys.executable, "-m", "sparsegrad", "finetune", "--method", method, "--seed", str(seed),
-                "--output-dir", str(run_dir), *common, "--no-progress"]
-        if METHODS[method].sparse:
-            argv += ["--support", support]
-        if METHODS[method].calibrates:
-            argv += list(sparsegrad_args or [])
-        lr = _lr_for(label, lrs)
-        if lr is not None:
-            argv += ["--lr", lr if lr == "auto" else repr(lr)]
+        argv = [python or sys.executable, "-m", "sparsegrad",
+                *finetune_argv(label, seed, common, run_dir, lrs, sparsegrad_args)]
         run_dir.mkdir(parents=True, exist_ok=True)
         print(f"{tag}: running ...", flush=True)
         start = time.perf_counter()
@@ -190,19 +221,21 @@ def run_compare(methods: list[str], seeds: list[int], common: list[str], out_dir
             proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         seconds = time.perf_counter() - start
         if proc.returncode != 0 or not (run_dir / "metrics.json").is_file():
-            lines = (run_dir / "run.log").read_text(errors="replace").strip().splitlines()
-            print(f"{tag}: FAILED (exit {proc.returncode}) after {seconds:.0f} s: {lines[-1] if lines else ''}"
-                  f" (see {run_dir / 'run.log'})", flush=True)
-            failed.append(f"{label} seed {seed}")
+            reason = failure_line(run_dir / "run.log", proc.returncode)
+            print(f"{tag}: FAILED (exit {proc.returncode}) after {seconds:.0f} s: {reason} (see "
+                  f"{run_dir / 'run.log'})", flush=True)
+            failed[f"{label} seed {seed}"] = reason
             continue
         m = json.loads((run_dir / "metrics.json").read_text())
         print(f"{tag}: {run_summary(m)}, {seconds:.0f} s", flush=True)
     results = collect(out_dir, methods, seeds)
-    write_results_md(out_dir / "results.md", results, methods, seeds, command=command, failed=failed)
+    write_results_md(out_dir / "results.md", results, methods, seeds, command=command, failed=list(failed))
     plot_comparison(out_dir / "comparison.png", results, methods, out_dir)
     print(f"wrote {out_dir / 'results.md'} and {out_dir / 'comparison.png'}")
     if failed:
-        print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        print(f"{len(failed)} run(s) failed:", file=sys.stderr)
+        for name, reason in failed.items():
+            print(f"  {name}: {reason}", file=sys.stderr)
         return 1
     return 0
 

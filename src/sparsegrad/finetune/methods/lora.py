@@ -31,9 +31,23 @@ from .base import (
 )
 
 
+LORA_WEIGHTS = "adapter_model.safetensors"
+"""peft's safetensors weights file (with ``safe_serialization``, its default)."""
+
+
 def lora_rank_for_budget(k: float, in_features: float, out_features: float) -> int:
     """The LoRA rank whose parameters per matrix, r * (in + out), come closest to k (at least 1)."""
     return max(1, int(round(k / (in_features + out_features))))
+
+
+def check_rank(rank: int, modules: list[tuple[str, nn.Module]]) -> None:
+    """A rank above a matrix's smallest dimension adds parameters but no freedom (B @ A is at most that rank):
+    refused, naming the matrix (a rank matched to the budget never exceeds it)."""
+    name, module = min(modules, key=lambda item: min(item[1].weight.shape))
+    out_features, in_features = module.weight.shape[:2]
+    if rank > min(out_features, in_features):
+        raise ValueError(f"lora_rank {rank} exceeds the smallest dimension of {name} ({out_features}x{in_features}): "
+                         f"choose a rank <= {min(out_features, in_features)}")
 
 
 def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -68,6 +82,7 @@ class Lora(Method):
         mean_out = sum(m.weight.shape[0] for _, m in mods) / n_mat
         rank = setup.lora_rank if setup.lora_rank is not None else lora_rank_for_budget(targets.mean_k, mean_in,
                                                                                          mean_out)
+        check_rank(rank, mods)
         keep = {p for p in model.parameters() if p.requires_grad} - targets.weights()
         # peft ignores layers_to_transform for a regex: name the chosen modules instead.
         names = targets.names if setup.layers_to_transform is not None else targets.config.target_modules
@@ -101,6 +116,9 @@ class Lora(Method):
     def load(self, base: nn.Module, folder: Path, *, merge: bool) -> nn.Module:
         from peft import PeftModel
 
+        if not (folder / LORA_WEIGHTS).is_file():  # peft would fall back to a pickled adapter_model.bin
+            raise ValueError(f"{folder} holds no {LORA_WEIGHTS}: sparsegrad reads LoRA weights from safetensors only "
+                             "(never a pickled .bin)")
         extra = folder / TRAINED_PARAMS_FILE
         if extra.is_file():
             restore_delta(base, read_safetensors(extra, "trained parameters")[0], str(extra))

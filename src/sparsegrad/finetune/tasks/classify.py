@@ -104,9 +104,18 @@ def load_split(cfg: Any, **override: Any) -> D.TextClassificationData:
     """The run's train/eval split: its files, or a bundled task (``override``: e.g. ``max_train=None``)."""
     sizes = {"max_train": cfg.max_train, "max_eval": cfg.max_eval, **override}
     if cfg.train_file is not None:
-        return D.load_files(cfg.train_file, cfg.eval_file, text_column=cfg.text_column, label_column=cfg.label_column,
+        data = D.load_files(cfg.train_file, cfg.eval_file, text_column=cfg.text_column, label_column=cfg.label_column,
                             seed=cfg.seed, eval_fraction=cfg.eval_fraction, **sizes)
-    return D.load_task(cfg.task, seed=cfg.seed, eval_fraction=cfg.eval_fraction, **sizes)
+    else:
+        data = D.load_task(cfg.task, seed=cfg.seed, eval_fraction=cfg.eval_fraction, **sizes)
+    data.check_trainable(sizes["max_train"])
+    return data
+
+
+def check_data(cfg: Any) -> None:
+    """The run's split read as `ClassificationTask.load` reads it, without a model (compare, before its runs)."""
+    with usage_errors():
+        load_split(cfg)
 
 
 def carve_validation(data: D.TextClassificationData, cfg: Any) -> tuple[list[str], list[int], str | None]:
