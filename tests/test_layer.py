@@ -8,6 +8,7 @@ from torch import nn
 
 import sparsegrad as sg
 from sparsegrad.layer import rotated_to_weight
+from sparsegrad.support_gradient import SupportGradient
 
 
 def orthogonal(n: int, seed: int) -> torch.Tensor:
@@ -100,13 +101,33 @@ def test_fixed_support_gradient_whatever_rows_it_spans(rows, tokens):
     run(layer, x, gy)
     expected = (u_out.T @ ref.weight.grad @ u_in).flatten()[layer.delta_indices]
     torch.testing.assert_close(layer.delta_values.grad, expected, rtol=1e-5, atol=1e-5)
-    left = layer._blocks[3]
+    left = layer._plan.left
     if rows == "all":
         assert left is layer.u_out  # the shared basis itself, no copy
     elif rows == "few":
         assert left.shape == (40, 10)
     else:
         assert left is None  # 30 of 40 columns: gathered when needed, not held
+
+
+@pytest.mark.parametrize("shape", [(40, 30), (30, 40)])
+@pytest.mark.parametrize("spread", ["all", "few rows", "few columns"])
+@pytest.mark.parametrize("route", SupportGradient.ROUTES)
+def test_every_support_gradient_route_matches_the_dense_reference(route, spread, shape):
+    # Each cut of the chain u_outᵀ gyᵀ x u_in, sampled at the support, against autograd's G on the unrotated layer.
+    out_f, in_f = shape
+    ref, layer, u_out, u_in = make_pair(out_f=out_f, in_f=in_f, support="fixed", k=36)
+    g = torch.Generator().manual_seed(3)
+    rows = {"all": out_f, "few rows": 4, "few columns": out_f}[spread]
+    cols = {"all": in_f, "few rows": in_f, "few columns": 3}[spread]
+    cells = torch.randperm(rows * cols, generator=g)[:36]
+    picks = sorted(int(r) * (out_f // rows) * in_f + int(c) * (in_f // cols) for r, c in zip(cells // cols, cells % cols))
+    layer.delta_indices = torch.tensor(picks, dtype=torch.int32)
+    x, gy = torch.randn(5, 7, in_f), torch.randn(5, 7, out_f)
+    run(ref, x, gy)
+    expected = (u_out.T @ ref.weight.grad @ u_in).flatten()[layer.delta_indices.long()]
+    got = layer._support_plan()(x.reshape(-1, in_f), gy.reshape(-1, out_f), route)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_delta_maps_back_through_the_bases():
