@@ -24,14 +24,15 @@ import torch
 from sparsegrad.support_gradient import SupportGradient
 
 
-def old_block_route(x, gy, plan: SupportGradient, via: str):
-    """The pre-issue-13 library's routes: the whole |R| x |C| block of the rotated gradient, then the k entries."""
+def old_block_route(x, gy, plan: SupportGradient, via: str, local: torch.Tensor):
+    """The pre-issue-13 library's routes: the whole |R| x |C| block of the rotated gradient, then the k entries
+    (``local``: each entry's flat position in the block)."""
     left, right = plan.u_out[:, plan.urows], plan.u_in[:, plan.ucols]
     if via == "tokens":
         block = (gy @ left).T @ (x @ right)
     else:
         block = left.T @ ((gy.T @ x) @ right)
-    return block.reshape(-1)[plan.inv_r * plan.ucols.numel() + plan.inv_c]
+    return block.reshape(-1)[local]
 
 
 def old_choice(n: int, plan: SupportGradient) -> str:
@@ -42,9 +43,12 @@ def old_choice(n: int, plan: SupportGradient) -> str:
 
 def routes(plan: SupportGradient, n: int) -> dict:
     chosen = old_choice(n, plan)
-    table = {"before: block via " + chosen + " (library's choice)": lambda x, gy: old_block_route(x, gy, plan, chosen)}
+    _, _, inv_r, inv_c = plan.coordinates()
+    local = inv_r * plan.ucols.numel() + inv_c
+    table = {"before: block via " + chosen + " (library's choice)":
+             lambda x, gy: old_block_route(x, gy, plan, chosen, local)}
     other = "G" if chosen == "tokens" else "tokens"
-    table["before: block via " + other] = lambda x, gy: old_block_route(x, gy, plan, other)
+    table["before: block via " + other] = lambda x, gy: old_block_route(x, gy, plan, other, local)
     for name in SupportGradient.ROUTES:
         table[name] = (lambda r: lambda x, gy: plan(x, gy, r))(name)
     table[PICK] = lambda x, gy: plan(x, gy)
@@ -107,7 +111,8 @@ def random_cases(args) -> list:
 
 def reference(x, gy, plan: SupportGradient) -> torch.Tensor:
     rotated = plan.u_out.double().T @ (gy.double().T @ x.double()) @ plan.u_in.double()
-    return rotated[plan.r, plan.c]
+    r, c, _, _ = plan.coordinates()
+    return rotated[r.long(), c.long()]
 
 
 def main() -> None:

@@ -203,3 +203,24 @@ def test_deepcopy_and_state_dict_round_trip_keep_behaviour():
     fresh.load_state_dict(layer.state_dict())
     torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
     assert torch.equal(fresh.delta_indices, layer.delta_indices)
+
+
+def test_training_state_bytes_count_the_position_map_and_the_plans():
+    # A dynamic layer after one step holds a dense int32 position map (4 bytes per weight entry), append-only
+    # buffers of capacity 4k (indices int32, values and three fp32 state arrays: 20 bytes an entry) of which k are
+    # in use (counted as params / optimizer state), and the journal of the step's increment (k int32 + k fp32).
+    _, layer, _, _ = make_pair(out_f=40, in_f=30, bias=False, k=12)
+    opt = sg.create_optimizer(nn.Sequential(layer), lr=1e-3)
+    layer(torch.randn(5, 30)).sum().backward()
+    opt.step()
+    counted = sg.training_state_bytes(nn.Sequential(layer), opt)
+    assert counted["bookkeeping"] == 4 * 40 * 30 + 3 * 12 * 20 + 12 * 8
+    assert counted["total"] == sum(v for key, v in counted.items() if key != "total")
+    # A fixed support: its plan (touched rows and columns, patterns) is counted once a backward has made it.
+    _, fixed, _, _ = make_pair(out_f=40, in_f=30, bias=False, support="fixed", k=12)
+    fixed.delta_indices = torch.arange(0, 1200, 100, dtype=torch.int32)  # rows 0, 3, 6, ..., columns 0, 10, 20
+    assert sg.training_state_bytes(nn.Sequential(fixed))["bookkeeping"] == 0
+    fixed(torch.randn(5, 30)).sum().backward()
+    plan = fixed._plan
+    assert (plan.urows.numel(), plan.ucols.numel()) == (12, 3)
+    assert sg.training_state_bytes(nn.Sequential(fixed))["bookkeeping"] == plan.nbytes() > 12 * 4

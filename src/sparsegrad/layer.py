@@ -338,6 +338,15 @@ class SparseGradLinear(nn.Module):
                 "increment_values": torch.cat([c for _, c in steps]),
                 "increment_counts": torch.tensor([i.numel() for i, _ in steps])}
 
+    def bookkeeping_bytes(self) -> int:
+        """Bytes the layer holds for training besides its delta: the increment journal (the delta at the last exact
+        rebuild and the changes since) and the fixed support's gradient plan (`SupportGradient.nbytes`)."""
+        held = []
+        if self._journal is not None:
+            held = [self._journal["indices"], self._journal["values"], *(t for step in self._journal["steps"] for t in step)]
+        plan = self._plan.nbytes() if self._plan is not None else 0
+        return plan + sum(t.numel() * t.element_size() for t in held)
+
     @torch.no_grad()
     def replay_increments(self, journal: dict[str, Tensor]) -> None:
         """Rebuild the weight from the journal's delta, then add its increments in order: the weight of the run

@@ -202,6 +202,15 @@ class SparseGradAdamW(torch.optim.AdamW):
                 packed["state"][ids[id(param)]] = {**packed["state"][ids[id(param)]], **journal}
         return packed
 
+    def bookkeeping_bytes(self) -> int:
+        """Bytes the sparse step holds outside ``self.state``: each dynamic layer's dense int32 position map
+        (4 bytes per weight entry) and the spare capacity of its append-only buffers (`_Support`)."""
+        total = 0
+        for support in self._supports.values():
+            total += support.pos_map.numel() * support.pos_map.element_size()
+            total += sum((buf.numel() - support.n) * buf.element_size() for buf in support.buffers.values())
+        return total
+
     def load_state_dict(self, state_dict):
         state_dict = {**state_dict, "state": dict(state_dict["state"])}
         journals = {}

@@ -31,14 +31,13 @@ from torch import Tensor
 SAMPLED_ENTRY_COST = 32768
 
 
-def _csr_pattern(rows: Tensor, cols: Tensor, shape: tuple[int, int]) -> Tensor:
-    """An fp32 CSR matrix with zeros at (rows, cols), ``rows`` increasing (and ``cols`` within a row)."""
+def _csr_pattern(rows: Tensor, cols: Tensor, shape: tuple[int, int], zeros: Tensor) -> Tensor:
+    """The fp32 CSR matrix with ``zeros`` at (rows, cols), ``rows`` increasing (and ``cols`` within a row)."""
     edges = torch.arange(shape[0] + 1, device=rows.device, dtype=rows.dtype)
     crow = torch.searchsorted(rows, edges, out_int32=rows.dtype == torch.int32)
     with warnings.catch_warnings():  # "sparse CSR support is in beta": sampled_addmm is long stable
         warnings.simplefilter("ignore")
-        return torch.sparse_csr_tensor(crow, cols.to(rows.dtype), torch.zeros(rows.numel(), device=rows.device),
-                                       shape, check_invariants=False)
+        return torch.sparse_csr_tensor(crow, cols.to(rows.dtype), zeros, shape, check_invariants=False)
 
 
 def sampled(pattern: Tensor, left: Tensor, right: Tensor) -> Tensor:
@@ -61,37 +60,53 @@ def _thin(basis: Tensor, cols: Tensor) -> Tensor | None:
 
 class SupportGradient:
     """What a fixed support's gradient needs between steps: the rows and columns it touches, their basis columns
-    (see `_thin`), and its positions as CSR patterns for each cut of the chain (made on first use)."""
+    (see `_thin`), and its positions as a CSR pattern for each cut of the chain a step has used (made on first use
+    from the layer's own ``indices``, int32 where they fit: about 4 bytes an entry per pattern, see `nbytes`)."""
 
     ROUTES = ("G, in side", "tokens, in side", "G, out side", "tokens, out side", "tokens, both")
 
     def __init__(self, indices: Tensor, u_out: Tensor | None, u_in: Tensor | None, shape: tuple[int, int]):
         self.shape = shape
         self.u_out, self.u_in = u_out, u_in
-        self.k = indices.numel()
-        o, i = shape
-        flat = indices.long()
-        self.r, self.c = flat // i, flat % i
-        self.urows, inv_r = torch.unique(self.r, return_inverse=True)
-        self.ucols, inv_c = torch.unique(self.c, return_inverse=True)
-        self.inv_r, self.inv_c = inv_r, inv_c
+        self.indices, self.k = indices, indices.numel()
+        r, c = self._rows_cols()
+        self.urows, self.ucols = torch.unique(r), torch.unique(c)
         self._patterns: dict[str, Tensor] = {}
+        self._zeros = torch.zeros(self.k, device=indices.device)  # the patterns' values (sampled_addmm's beta = 0)
         self._by_column: Tensor | None = None  # the support's order sorted by (column, row), for the in-side cut
         self.left = _thin(u_out, self.urows) if u_out is not None else None
         self.right = _thin(u_in, self.ucols) if u_in is not None else None
+
+    def _rows_cols(self) -> tuple[Tensor, Tensor]:
+        i = self.shape[1]
+        return self.indices // i, self.indices % i
+
+    def coordinates(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Each entry's row and column, and their positions among the touched rows and columns (made per call)."""
+        r, c = self._rows_cols()
+        return r, c, torch.searchsorted(self.urows, r), torch.searchsorted(self.ucols, c)
 
     def _pattern(self, cut: str) -> Tensor:
         if cut not in self._patterns:
             o, i = self.shape
             nr, nc = self.urows.numel(), self.ucols.numel()
+            r, c, inv_r, inv_c = (t.to(self.indices.dtype) for t in self.coordinates())
             if cut == "o":  # transposed: (local column, row), in column-major order of the support
-                self._by_column = torch.argsort(self.inv_c * o + self.r)
-                rows, cols, shape = self.inv_c[self._by_column], self.r[self._by_column], (nc, o)
+                self._by_column = torch.argsort(inv_c.long() * o + r).to(self.indices.dtype)
+                rows, cols, shape = inv_c[self._by_column], r[self._by_column], (nc, o)
             else:
-                rows, cols, shape = {"i": (self.inv_r, self.c, (nr, i)), "n": (self.inv_r, self.inv_c, (nr, nc)),
-                                     "full": (self.r, self.c, (o, i))}[cut]
-            self._patterns[cut] = _csr_pattern(rows, cols, shape)
+                rows, cols, shape = {"i": (inv_r, c, (nr, i)), "n": (inv_r, inv_c, (nr, nc)),
+                                     "full": (r, c, (o, i))}[cut]
+            self._patterns[cut] = _csr_pattern(rows, cols, shape, self._zeros)
         return self._patterns[cut]
+
+    def nbytes(self) -> int:
+        """Bytes this plan holds beyond the layer's own tensors (patterns, thin basis copies, touched rows/columns)."""
+        held = [self.urows, self.ucols, self._zeros, *(t for t in (self._by_column,) if t is not None)]
+        for pattern in self._patterns.values():
+            held += [pattern.crow_indices(), pattern.col_indices()]
+        held += [t for t, basis in ((self.left, self.u_out), (self.right, self.u_in)) if t is not None and t is not basis]
+        return sum(t.numel() * t.element_size() for t in held)
 
     def costs(self, n: int) -> dict[str, float]:
         """Dense-GEMM-equivalent multiply-adds of each route for ``n`` tokens."""
