@@ -108,3 +108,58 @@ def test_layerwise_refusals(tiny_bert, monkeypatch):
     with pytest.raises(LayerwiseStepError, match="data parallelism"):
         model(**bert_batches(1)[0]).loss.backward()
     handle.remove()
+
+
+# ------------------------------------------------------------------------------------------------- the CLI
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny BERT folder without dropout and a training file."""
+    from helpers import CLASSIFIER, task_data, tiny_model_dir
+
+    root = tmp_path_factory.mktemp("layerwise")
+    return tiny_model_dir(CLASSIFIER, root / "model", dropout=0.0), task_data(CLASSIFIER, root)
+
+
+def test_cli_layerwise_step_trains_the_same_adapter(tmp_path, assets):
+    from helpers import CLASSIFIER, adapter_tensors, finetune_argv, losses
+
+    from sparsegrad.finetune.cli import main
+
+    model, data = assets
+    for name, flags in (("ordinary", {}), ("layerwise", {"layerwise_step": True})):
+        assert main(finetune_argv(CLASSIFIER, model, data, "sparsegrad", "dynamic", steps=3,
+                                  output_dir=tmp_path / name, **flags)) == 0
+    assert losses(tmp_path / "ordinary") == losses(tmp_path / "layerwise")
+    a, b = adapter_tensors(tmp_path / "ordinary"), adapter_tensors(tmp_path / "layerwise")
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+@pytest.mark.parametrize(("method", "flags", "message"), [
+    ("lora", {}, "applies to the sparsegrad and meprop methods only, not 'lora'"),
+    ("sparsegrad", {"support": "fixed"}, "does not work with --support fixed"),
+    ("sparsegrad", {"grad_accum": 2}, "does not work with --grad-accum 2"),
+    ("meprop", {"on_nonfinite": "skip"}, "does not work with --on-nonfinite skip"),
+    ("sparsegrad", {"refresh_every": 2}, "does not work with --refresh-every"),
+])
+def test_cli_layerwise_step_refusals(tmp_path, capsys, assets, method, flags, message):
+    from helpers import CLASSIFIER, finetune_argv
+
+    from sparsegrad.finetune.cli import main
+
+    flags = {"support": "dynamic", **flags}
+    argv = finetune_argv(CLASSIFIER, *assets, method, flags.pop("support"),
+                         output_dir=tmp_path / "out", layerwise_step=True, **flags)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sparsegrad: error: --layerwise-step") and message in err[0]
+
+
+def test_cli_layerwise_step_refuses_torchrun(tmp_path, capsys, assets, monkeypatch):
+    from helpers import CLASSIFIER, finetune_argv
+
+    from sparsegrad.finetune.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; refused before any process group starts
+    assert main(finetune_argv(CLASSIFIER, *assets, "sparsegrad", "dynamic", output_dir=tmp_path / "out",
+                              layerwise_step=True)) == 2
+    assert "--layerwise-step does not work with torchrun (2 processes)" in capsys.readouterr().err
