@@ -88,8 +88,8 @@ def test_fixed_support_via_token_route_matches():
 @pytest.mark.parametrize("rows", ["all", "few", "most"])
 @pytest.mark.parametrize("tokens", [2, 64])  # the (gy U_out)ᵀ (x U_in) route and the dense route
 def test_fixed_support_gradient_whatever_rows_it_spans(rows, tokens):
-    # The support's basis columns are kept as the basis itself (all rows), a copy (few) or gathered per step
-    # (most): the gradient must be the same in each case, and no near-full copy of the basis is kept.
+    # The support's basis columns are kept as the basis itself (all rows) or gathered per step (few, most): the
+    # gradient must be the same in each case, and no copy of the basis is held between steps.
     ref, layer, u_out, u_in = make_pair(out_f=40, in_f=30, support="fixed", k=40)
     row_list = list({"all": range(40), "few": range(0, 40, 4), "most": range(30)}[rows])
     n = len(row_list)
@@ -104,10 +104,8 @@ def test_fixed_support_gradient_whatever_rows_it_spans(rows, tokens):
     left = layer._plan.left
     if rows == "all":
         assert left is layer.u_out  # the shared basis itself, no copy
-    elif rows == "few":
-        assert left.shape == (40, 10)
     else:
-        assert left is None  # 30 of 40 columns: gathered when needed, not held
+        assert left is None  # 10 or 30 of 40 columns: gathered when needed, not held
 
 
 @pytest.mark.parametrize("shape", [(40, 30), (30, 40)])
