@@ -2,6 +2,7 @@
 
     python benchmarks/memory.py --scopes mlp,all --steps 3                # the table of docs/benchmarks.md §7 "Memory"
     python benchmarks/memory.py --methods lora,sparsegrad-layerwise --scopes mlp --malloc default
+    python benchmarks/memory.py --table runs.jsonl          # the table of earlier runs (--jsonl runs.jsonl)
 
 Methods: full, lora, meprop, sparsegrad (dynamic), sparsegrad-fixed, and ``-layerwise`` variants of the dynamic
 ones (`create_optimizer(layerwise=True)`: each layer steps in its post-accumulate-grad hook). Each child process
@@ -123,10 +124,20 @@ def main() -> None:
     p.add_argument("--length", type=int, default=128)
     p.add_argument("--malloc", choices=("fixed", "default"), default="fixed")
     p.add_argument("--jsonl", help="also append each child's JSON line here")
+    p.add_argument("--table", metavar="JSONL", help="print the table of earlier runs' JSON lines (the last run of each "
+                                                    "method and scope), and stop")
     p.add_argument("--child", nargs=2, metavar=("METHOD", "SCOPE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(child(*args.child, args.steps, args.batch_size, args.length)))
+        return
+    if args.table:
+        latest = {}
+        for line in open(args.table):
+            if line.strip():
+                row = json.loads(line)
+                latest[(row["scope"], row["method"])] = row
+        table(sorted(latest.values(), key=lambda r: (r["scope"] != "mlp", METHODS.index(r["method"]))))
         return
     env = dict(os.environ)
     if args.malloc == "fixed":
