@@ -111,8 +111,8 @@ def table(rows: list[dict]) -> None:
         def ratio(key):
             return f"{r[key] / lora[key]:.3f}" if lora else "-"
         print(f"| {r['scope']} | {r['method']} | {r['peak_rss_training_mb']:.0f} | {ratio('peak_rss_training_mb')} | "
-              f"{r['peak_rss_process_mb']:.0f} | {ratio('peak_rss_process_mb')} | {r['tensors_held_bytes'] / 2**20:.1f} "
-              f"| {ratio('tensors_held_bytes')} | {r['train_state'].get('bookkeeping', 0) / 2**20:.1f} |")
+              f"{r['peak_rss_process_mb']:.0f} | {ratio('peak_rss_process_mb')} | "
+              f"{r['tensors_held_bytes'] / 2**20:.1f} | {ratio('tensors_held_bytes')} | {r['train_state'].get('bookkeeping', 0) / 2**20:.1f} |")
 
 
 def main() -> None:

@@ -119,7 +119,8 @@ def test_every_support_gradient_route_matches_the_dense_reference(route, spread,
     rows = {"all": out_f, "few rows": 4, "few columns": out_f}[spread]
     cols = {"all": in_f, "few rows": in_f, "few columns": 3}[spread]
     cells = torch.randperm(rows * cols, generator=g)[:36]
-    picks = sorted(int(r) * (out_f // rows) * in_f + int(c) * (in_f // cols) for r, c in zip(cells // cols, cells % cols))
+    row_step, col_step = out_f // rows, in_f // cols
+    picks = sorted(int(r) * row_step * in_f + int(c) * col_step for r, c in zip(cells // cols, cells % cols))
     layer.delta_indices = torch.tensor(picks, dtype=torch.int32)
     x, gy = torch.randn(5, 7, in_f), torch.randn(5, 7, out_f)
     run(ref, x, gy)

@@ -343,7 +343,8 @@ class SparseGradLinear(nn.Module):
         rebuild and the changes since) and the fixed support's gradient plan (`SupportGradient.nbytes`)."""
         held = []
         if self._journal is not None:
-            held = [self._journal["indices"], self._journal["values"], *(t for step in self._journal["steps"] for t in step)]
+            journal = self._journal
+            held = [journal["indices"], journal["values"], *(t for step in journal["steps"] for t in step)]
         plan = self._plan.nbytes() if self._plan is not None else 0
         return plan + sum(t.numel() * t.element_size() for t in held)
 
@@ -491,8 +492,8 @@ class SparseGradLinear(nn.Module):
         return folded + int(torch.count_nonzero(self._stored_delta()[1].detach()))
 
     def _support_plan(self) -> SupportGradient:
-        """The fixed support's `SupportGradient` (its rows, columns, thin basis columns and sampling patterns),
-        kept until the support or the bases change."""
+        """The fixed support's `SupportGradient` (the rows and columns it touches, its sampling patterns), kept
+        until the support or the bases change."""
         key = (self.delta_indices.data_ptr(), self.delta_indices._version, self.delta_indices.numel(),
                self.u_out.data_ptr(), self.u_in.data_ptr())
         if self._plan is None or key != self._plan_key:

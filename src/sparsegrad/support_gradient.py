@@ -1,4 +1,4 @@
-"""The gradient of a fixed support's k values: (U_outᵀ G U_in)[support], G = gyᵀ x, without the whole rotated matrix.
+"""The gradient of a fixed support's k values, (U_outᵀ G U_in)[support] with G = gyᵀ x, without the rotated matrix.
 
 The value at support entry (r, c) is u_out[:, r]ᵀ · gyᵀ · x · u_in[:, c]: a chain of four factors whose last
 product is needed only at the k support positions. Each route cuts the chain at one of its three inner dimensions
@@ -57,7 +57,7 @@ def _thin(basis: Tensor, cols: Tensor) -> Tensor | None:
 
 class SupportGradient:
     """What a fixed support's gradient needs between steps: the rows and columns it touches, their basis columns
-    (see `_thin`), and its positions as a CSR pattern for each cut of the chain a step has used (made on first use
+    (the basis itself or None, see `_thin`), and its positions as a CSR pattern for each cut of the chain a step has used (made on first use
     from the layer's own ``indices``, int32 where they fit: about 4 bytes an entry per pattern, see `nbytes`)."""
 
     ROUTES = ("G, in side", "tokens, in side", "G, out side", "tokens, out side", "tokens, both")
@@ -98,11 +98,10 @@ class SupportGradient:
         return self._patterns[cut]
 
     def nbytes(self) -> int:
-        """Bytes this plan holds beyond the layer's own tensors (patterns, thin basis copies, touched rows/columns)."""
+        """Bytes this plan holds beyond the layer's own tensors (patterns, touched rows and columns)."""
         held = [self.urows, self.ucols, self._zeros, *(t for t in (self._by_column,) if t is not None)]
         for pattern in self._patterns.values():
             held += [pattern.crow_indices(), pattern.col_indices()]
-        held += [t for t, basis in ((self.left, self.u_out), (self.right, self.u_in)) if t is not None and t is not basis]
         return sum(t.numel() * t.element_size() for t in held)
 
     def costs(self, n: int) -> dict[str, float]:

@@ -444,7 +444,8 @@ def _finetune_config(args: argparse.Namespace, command: str | None = None):
         response_column=args.response_column, dtype=args.dtype, device=args.device,
         output_dir=args.output_dir, progress=not args.no_progress, command=command,
         grad_accum=args.grad_accum, save_every=args.save_every, resume=args.resume,
-        on_nonfinite=args.on_nonfinite, layerwise_step=args.layerwise_step, stop_after=args.stop_after, overwrite=args.overwrite,
+        on_nonfinite=args.on_nonfinite, layerwise_step=args.layerwise_step,
+        stop_after=args.stop_after, overwrite=args.overwrite,
         task_label=args.task_name, **_selection_fields(args),
     )
 
