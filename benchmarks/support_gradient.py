@@ -3,6 +3,7 @@ chain cuts of `sparsegrad.support_gradient` (one-sided products, then k sampled 
 
     python benchmarks/support_gradient.py --real --rounds 7           # real MiniLM: its 12 MLP matrices, BBC 16x128
     python benchmarks/support_gradient.py --shapes 3072x768,768x3072 --tokens 4096 --rounds 5   # random bases
+    python benchmarks/support_gradient.py --e2e --rounds 7     # whole fixed-mode MiniLM steps: old route vs now
 
 ``--real``: the bundled MiniLM converted with a calibrated fixed support (scope mlp, 1 % per matrix); each MLP
 matrix's (x, gy) is captured from one real BBC batch's backward. Otherwise random orthogonal bases and a random
@@ -58,16 +59,16 @@ def routes(plan: SupportGradient, n: int) -> dict:
 PICK = "now: the cost model's route per matrix"
 
 
-def real_cases(args) -> list[tuple[str, torch.Tensor, torch.Tensor, SupportGradient]]:
+def real_fixed_model():
+    """The bundled MiniLM with a calibrated 1 % fixed support (scope mlp), and BBC batches of 16 x 128."""
     from transformers import AutoTokenizer
 
-    import sparsegrad as sg
     from sparsegrad.finetune.data import load_task
     from sparsegrad.finetune.methods import prepare_method
     from sparsegrad.finetune.models import load_classifier, minilm_dir
 
     torch.manual_seed(0)
-    data = load_task("bbc", max_train=64, max_eval=8)
+    data = load_task("bbc", max_train=128, max_eval=8)
     model, _ = load_classifier("minilm", 5)
     tok = AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True)
 
@@ -79,7 +80,13 @@ def real_cases(args) -> list[tuple[str, torch.Tensor, torch.Tensor, SupportGradi
     model.train()
     prepared = prepare_method(model, "sparsegrad", density=0.01, support="fixed", train_scope="mlp",
                               calibration_batches=[batch(0), batch(1)], calibration_steps=2)
-    model = prepared.model
+    return prepared.model, batch
+
+
+def real_cases(args) -> list[tuple[str, torch.Tensor, torch.Tensor, SupportGradient]]:
+    import sparsegrad as sg
+
+    model, batch = real_fixed_model()
     captured = {}
     for name, layer in sg.sparsegrad_layers(model).items():
         def grab(x, gy, name=name, layer=layer):
@@ -109,6 +116,42 @@ def random_cases(args) -> list:
     return cases
 
 
+def end_to_end(args) -> None:
+    """Whole training steps of two copies of the fixed-mode MiniLM, one with the old block route patched in,
+    interleaved on the same batches; the median of per-round ratios now / old."""
+    import copy
+
+    import sparsegrad as sg
+
+    model, batch = real_fixed_model()
+    old = copy.deepcopy(model)
+    for layer in sg.sparsegrad_layers(old).values():
+        def old_gradient(x, gy, layer=layer):
+            plan = layer._support_plan()
+            _, _, inv_r, inv_c = plan.coordinates()
+            return old_block_route(x.float(), gy.float(), plan, old_choice(x.shape[0], plan),
+                                   inv_r * plan.ucols.numel() + inv_c)
+        layer._support_gradient = old_gradient
+    runs = {"old": (old, sg.create_optimizer(old, lr=1e-4), []),
+            "now": (model, sg.create_optimizer(model, lr=1e-4), [])}
+    load = [os.getloadavg()[0]]
+    for rnd in range(args.warmup + args.rounds):
+        b = batch(3 + rnd % 4)
+        for net, opt, times in runs.values():
+            t0 = time.perf_counter()
+            net(**b).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if rnd >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        load.append(os.getloadavg()[0])
+    ratios = [a / b for a, b in zip(runs["now"][2], runs["old"][2])]
+    print(f"fixed-mode MiniLM step (16 x 128, scope mlp), {args.rounds} interleaved rounds, {torch.get_num_threads()} "
+          f"threads, load {min(load):.1f}-{max(load):.1f}: median step old {statistics.median(runs['old'][2]):.2f} s, "
+          f"now {statistics.median(runs['now'][2]):.2f} s; now / old median of per-round ratios "
+          f"{statistics.median(ratios):.3f} (rounds {', '.join(f'{r:.2f}' for r in ratios)})")
+
+
 def reference(x, gy, plan: SupportGradient) -> torch.Tensor:
     rotated = plan.u_out.double().T @ (gy.double().T @ x.double()) @ plan.u_in.double()
     r, c, _, _ = plan.coordinates()
@@ -118,6 +161,7 @@ def reference(x, gy, plan: SupportGradient) -> torch.Tensor:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--real", action="store_true")
+    p.add_argument("--e2e", action="store_true", help="whole fixed-mode MiniLM steps, old route vs now")
     p.add_argument("--shapes", default="1536x384,384x1536")
     p.add_argument("--tokens", default="2048")
     p.add_argument("--density", type=float, default=0.01)
@@ -127,6 +171,9 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.e2e:
+        end_to_end(args)
+        return
     cases = real_cases(args) if args.real else random_cases(args)
     tables = [routes(plan, x.shape[0]) for _, x, _, plan in cases]
     errors = [{name: float((fn(x, gy).double() - reference(x, gy, plan)).abs().max()) for name, fn in table.items()}
