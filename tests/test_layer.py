@@ -8,6 +8,7 @@ from torch import nn
 
 import sparsegrad as sg
 from sparsegrad.layer import rotated_to_weight
+from sparsegrad.support_gradient import SupportGradient
 
 
 def orthogonal(n: int, seed: int) -> torch.Tensor:
@@ -87,8 +88,8 @@ def test_fixed_support_via_token_route_matches():
 @pytest.mark.parametrize("rows", ["all", "few", "most"])
 @pytest.mark.parametrize("tokens", [2, 64])  # the (gy U_out)ᵀ (x U_in) route and the dense route
 def test_fixed_support_gradient_whatever_rows_it_spans(rows, tokens):
-    # The support's basis columns are kept as the basis itself (all rows), a copy (few) or gathered per step
-    # (most): the gradient must be the same in each case, and no near-full copy of the basis is kept.
+    # The support's basis columns are kept as the basis itself (all rows) or gathered per step (few, most): the
+    # gradient must be the same in each case, and no copy of the basis is held between steps.
     ref, layer, u_out, u_in = make_pair(out_f=40, in_f=30, support="fixed", k=40)
     row_list = list({"all": range(40), "few": range(0, 40, 4), "most": range(30)}[rows])
     n = len(row_list)
@@ -100,13 +101,32 @@ def test_fixed_support_gradient_whatever_rows_it_spans(rows, tokens):
     run(layer, x, gy)
     expected = (u_out.T @ ref.weight.grad @ u_in).flatten()[layer.delta_indices]
     torch.testing.assert_close(layer.delta_values.grad, expected, rtol=1e-5, atol=1e-5)
-    left = layer._blocks[3]
+    left = layer._plan.left
     if rows == "all":
         assert left is layer.u_out  # the shared basis itself, no copy
-    elif rows == "few":
-        assert left.shape == (40, 10)
     else:
-        assert left is None  # 30 of 40 columns: gathered when needed, not held
+        assert left is None  # 10 or 30 of 40 columns: gathered when needed, not held
+
+
+@pytest.mark.parametrize("shape", [(40, 30), (30, 40)])
+@pytest.mark.parametrize("spread", ["all", "few rows", "few columns"])
+@pytest.mark.parametrize("route", SupportGradient.ROUTES)
+def test_every_support_gradient_route_matches_the_dense_reference(route, spread, shape):
+    # Each cut of the chain u_outᵀ gyᵀ x u_in, sampled at the support, against autograd's G on the unrotated layer.
+    out_f, in_f = shape
+    ref, layer, u_out, u_in = make_pair(out_f=out_f, in_f=in_f, support="fixed", k=36)
+    g = torch.Generator().manual_seed(3)
+    rows = {"all": out_f, "few rows": 4, "few columns": out_f}[spread]
+    cols = {"all": in_f, "few rows": in_f, "few columns": 3}[spread]
+    cells = torch.randperm(rows * cols, generator=g)[:36]
+    row_step, col_step = out_f // rows, in_f // cols
+    picks = sorted(int(r) * row_step * in_f + int(c) * col_step for r, c in zip(cells // cols, cells % cols))
+    layer.delta_indices = torch.tensor(picks, dtype=torch.int32)
+    x, gy = torch.randn(5, 7, in_f), torch.randn(5, 7, out_f)
+    run(ref, x, gy)
+    expected = (u_out.T @ ref.weight.grad @ u_in).flatten()[layer.delta_indices.long()]
+    got = layer._support_plan()(x.reshape(-1, in_f), gy.reshape(-1, out_f), route)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_delta_maps_back_through_the_bases():
@@ -182,3 +202,24 @@ def test_deepcopy_and_state_dict_round_trip_keep_behaviour():
     fresh.load_state_dict(layer.state_dict())
     torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
     assert torch.equal(fresh.delta_indices, layer.delta_indices)
+
+
+def test_training_state_bytes_count_the_position_map_and_the_plans():
+    # A dynamic layer after one step holds a dense int32 position map (4 bytes per weight entry), append-only
+    # buffers of capacity 4k (indices int32, values and three fp32 state arrays: 20 bytes an entry) of which k are
+    # in use (counted as params / optimizer state), and the journal of the step's increment (k int32 + k fp32).
+    _, layer, _, _ = make_pair(out_f=40, in_f=30, bias=False, k=12)
+    opt = sg.create_optimizer(nn.Sequential(layer), lr=1e-3)
+    layer(torch.randn(5, 30)).sum().backward()
+    opt.step()
+    counted = sg.training_state_bytes(nn.Sequential(layer), opt)
+    assert counted["bookkeeping"] == 4 * 40 * 30 + 3 * 12 * 20 + 12 * 8
+    assert counted["total"] == sum(v for key, v in counted.items() if key != "total")
+    # A fixed support: its plan (touched rows and columns, patterns) is counted once a backward has made it.
+    _, fixed, _, _ = make_pair(out_f=40, in_f=30, bias=False, support="fixed", k=12)
+    fixed.delta_indices = torch.arange(0, 1200, 100, dtype=torch.int32)  # rows 0, 3, 6, ..., columns 0, 10, 20
+    assert sg.training_state_bytes(nn.Sequential(fixed))["bookkeeping"] == 0
+    fixed(torch.randn(5, 30)).sum().backward()
+    plan = fixed._plan
+    assert (plan.urows.numel(), plan.ucols.numel()) == (12, 3)
+    assert sg.training_state_bytes(nn.Sequential(fixed))["bookkeeping"] == plan.nbytes() > 12 * 4

@@ -51,7 +51,7 @@ def test_finetune_writes_files_and_reloads(tiny, tmp_path, method, support):
     assert [int(r["step"]) for r in rows] == [1, 2, 3] and all(float(r["loss"]) > 0 for r in rows)
     assert (out / "adapter" / "task.json").is_file()
     assert saved["adapter_bytes"] > 0 and saved["peak_rss_mb"] > 0
-    assert set(saved["train_state_bytes"]) == {"params", "grads", "optimizer_state", "total"}
+    assert set(saved["train_state_bytes"]) == {"params", "grads", "optimizer_state", "bookkeeping", "total"}
     assert saved["train_state_bytes"]["total"] > 0
     assert 0 <= saved["eval_accuracy"] <= 1 and saved["num_eval"] == 12
     assert abs(saved["majority_baseline_accuracy"] - 1 / 3) < 1e-9

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .support_gradient import SupportGradient
+
 
 def index_dtype(numel: int) -> torch.dtype:
     """int32 flat indices where they fit (half the memory of int64), else int64."""
@@ -104,16 +106,6 @@ def _support_blocks(indices: Tensor, in_features: int) -> tuple[Tensor, Tensor, 
     urows, inv_r = torch.unique(rows, return_inverse=True)
     ucols, inv_c = torch.unique(cols, return_inverse=True)
     return urows, ucols, inv_r * ucols.numel() + inv_c
-
-
-def _kept_columns(basis: Tensor, cols: Tensor) -> Tensor | None:
-    """``basis[:, cols]`` worth keeping between steps: the basis itself when ``cols`` (sorted, unique) is every
-    column, a copy when it is at most half of them, else None (cheaper to gather when needed than to hold)."""
-    if cols.numel() == basis.shape[1]:
-        return basis
-    if 2 * cols.numel() <= basis.shape[1]:
-        return basis[:, cols].contiguous()
-    return None
 
 
 # A multiply-add of torch's CSR @ dense product costs about this many of a dense GEMM's on the CPU (measured at
@@ -282,8 +274,8 @@ class SparseGradLinear(nn.Module):
         self._sort_record: tuple | None = None  # (key before, permutation, key after) of the last sort
         self._journal: dict | None = None  # the delta at the last exact rebuild and the increments added since
         self._merged_key: tuple | None = None
-        self._blocks_key: tuple | None = None
-        self._blocks: tuple[Tensor, ...] | None = None
+        self._plan_key: tuple | None = None
+        self._plan: SupportGradient | None = None  # the fixed support's gradient plan
         self._merged_key = self._delta_key()  # weight == base_weight holds for an empty delta
         if support == "dynamic":
             self._journal = {"indices": indices, "values": values, "steps": []}
@@ -345,6 +337,16 @@ class SparseGradLinear(nn.Module):
                 "increment_indices": torch.cat([i for i, _ in steps]),
                 "increment_values": torch.cat([c for _, c in steps]),
                 "increment_counts": torch.tensor([i.numel() for i, _ in steps])}
+
+    def bookkeeping_bytes(self) -> int:
+        """Bytes the layer holds for training besides its delta: the increment journal (the delta at the last exact
+        rebuild and the changes since) and the fixed support's gradient plan (`SupportGradient.nbytes`)."""
+        held = []
+        if self._journal is not None:
+            journal = self._journal
+            held = [journal["indices"], journal["values"], *(t for step in journal["steps"] for t in step)]
+        plan = self._plan.nbytes() if self._plan is not None else 0
+        return plan + sum(t.numel() * t.element_size() for t in held)
 
     @torch.no_grad()
     def replay_increments(self, journal: dict[str, Tensor]) -> None:
@@ -466,7 +468,7 @@ class SparseGradLinear(nn.Module):
             self.delta_values.data = values
         else:
             self.delta_values = values
-        self._blocks = self._blocks_key = None
+        self._plan = self._plan_key = None
         self.sync_weight(force=True)
 
     @torch.no_grad()
@@ -489,23 +491,21 @@ class SparseGradLinear(nn.Module):
         folded = sum(int(torch.count_nonzero(seg["values"])) for seg in self.folded)
         return folded + int(torch.count_nonzero(self._stored_delta()[1].detach()))
 
-    def _support_block_cache(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-        """(rows, cols, local flat index, u_out[:, rows], u_in[:, cols]) of the fixed support, kept until the
-        support or the bases change. A basis whose columns the support all touches is kept as itself; a gathered
-        copy is kept only when it is at most half the basis (else None: gathered per step, then freed), so that
-        the cache never holds a near-full copy of a shared basis in every layer (on BERT-base: about 1 GB)."""
+    def _support_plan(self) -> SupportGradient:
+        """The fixed support's `SupportGradient` (the rows and columns it touches, its sampling patterns), kept
+        until the support or the bases change."""
         key = (self.delta_indices.data_ptr(), self.delta_indices._version, self.delta_indices.numel(),
                self.u_out.data_ptr(), self.u_in.data_ptr())
-        if self._blocks is None or key != self._blocks_key:
-            urows, ucols, local = _support_blocks(self.delta_indices, self.in_features)
-            self._blocks = (urows, ucols, local, _kept_columns(self.u_out, urows), _kept_columns(self.u_in, ucols))
-            self._blocks_key = key
-        return self._blocks
+        if self._plan is None or key != self._plan_key:
+            self._plan = SupportGradient(self.delta_indices, *self._rotation(), (self.out_features, self.in_features))
+            self._plan_key = key
+        return self._plan
 
     @torch.no_grad()
     def _support_gradient(self, x: Tensor, gy: Tensor) -> Tensor:
         """Gradient of the fixed-support values: (u_out.T G u_in)[support], G = gyᵀ x, without forming the whole
-        rotated matrix once the support is known. Token rows with zero output gradient (padding) are skipped."""
+        rotated matrix once the support is known (`SupportGradient`: one-sided products, then k sampled dot
+        products). Token rows with zero output gradient (padding) are skipped."""
         live = gy.any(dim=1)
         if not bool(live.all()):
             x, gy = x[live], gy[live]
@@ -514,21 +514,7 @@ class SparseGradLinear(nn.Module):
             rotated = _mean_over_ranks(self.rotate(gy.T @ x))
             self.delta_indices = topk_indices(rotated, self.k).to(self.index_dtype)
             return rotated.reshape(-1)[self.delta_indices]
-        if self.identity_basis:
-            return (gy.T @ x).reshape(-1)[self.delta_indices]
-        urows, ucols, local, left, right = self._support_block_cache()
-        left = self.u_out[:, urows] if left is None else left
-        right = self.u_in[:, ucols] if right is None else right
-        n = x.shape[0]
-        via_tokens = n * (self.out_features * urows.numel() + self.in_features * ucols.numel() + urows.numel() * ucols.numel())
-        via_dense = n * self.out_features * self.in_features + self.out_features * ucols.numel() * (
-            self.in_features + urows.numel()
-        )
-        if via_tokens < via_dense:
-            block = (gy @ left).T @ (x @ right)
-        else:
-            block = left.T @ ((gy.T @ x) @ right)
-        return block.reshape(-1)[local]
+        return self._support_plan()(x, gy)
 
     # ----------------------------------------------------------------------------------------------- forward
     def _forward_sync(self) -> None:
@@ -564,6 +550,7 @@ class SparseGradLinear(nn.Module):
     def __getstate__(self):
         state = dict(super().__getstate__())
         state["_merged_in_copy"] = self._delta_key() == self._merged_key  # the copy's tensors get new keys
+        state["_plan"] = state["_plan_key"] = None  # a cache (its CSR patterns do not copy); remade on use
         return state
 
     def __setstate__(self, state):

@@ -239,7 +239,9 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def training_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
     """Exact bytes of training state: parameters that train, their gradients (as they are now: call it after
-    backward and before zero_grad), and the optimizer's state tensors.
+    backward and before zero_grad), the optimizer's state tensors, and ``bookkeeping``: what SparseGrad holds for
+    training besides those (a dynamic layer's dense int32 position map, 4 bytes per weight entry, and its buffers'
+    spare capacity; the increment journal; a fixed support's gradient plan).
 
     For a SparseGrad layer what trains is its delta (values and indices), not the effective weight it keeps
     merged for the forward; a dynamic layer's dense weight gradient is counted as a gradient.
@@ -265,4 +267,8 @@ def training_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | No
     if optimizer is not None:
         for entry in optimizer.state.values():
             state += sum(_nbytes(v) for v in entry.values() if isinstance(v, torch.Tensor))
-    return {"params": params, "grads": grads, "optimizer_state": state, "total": params + grads + state}
+    books = sum(layer.bookkeeping_bytes() for layer in layers if layer.weight.requires_grad
+                or layer.delta_values.requires_grad)
+    books += optimizer.bookkeeping_bytes() if hasattr(optimizer, "bookkeeping_bytes") else 0
+    return {"params": params, "grads": grads, "optimizer_state": state, "bookkeeping": books,
+            "total": params + grads + state + books}

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .layer import SparseGradLinear, topk_candidates, topk_indices
+from .layerwise import enable_layerwise_step
 
 
 def sparse_adam_update(
@@ -201,6 +202,15 @@ class SparseGradAdamW(torch.optim.AdamW):
                 packed["state"][ids[id(param)]] = {**packed["state"][ids[id(param)]], **journal}
         return packed
 
+    def bookkeeping_bytes(self) -> int:
+        """Bytes the sparse step holds outside ``self.state``: each dynamic layer's dense int32 position map
+        (4 bytes per weight entry) and the spare capacity of its append-only buffers (`_Support`)."""
+        total = 0
+        for support in self._supports.values():
+            total += support.pos_map.numel() * support.pos_map.element_size()
+            total += sum((buf.numel() - support.n) * buf.element_size() for buf in support.buffers.values())
+        return total
+
     def load_state_dict(self, state_dict):
         state_dict = {**state_dict, "state": dict(state_dict["state"])}
         journals = {}
@@ -275,13 +285,9 @@ class SparseGradAdamW(torch.optim.AdamW):
             else:  # bf16/fp16 weights would round small increments away: rebuild exactly
                 layer.sync_weight()
 
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        work = [(p, self._layers[p], group) for group in self.param_groups for p in group["params"]
-                if p in self._layers and p.grad is not None]
+    @torch.no_grad()
+    def _step_sparse(self, work: list) -> None:
+        """The top-k lazy-Adam step of the dynamic weights in ``work`` ((param, layer, group), gradients complete)."""
         selected = [self._select(p, layer) for p, layer, _ in work]
         flags = []
         if selected:  # the step's one read back to the host, for all layers
@@ -297,6 +303,22 @@ class SparseGradAdamW(torch.optim.AdamW):
             members = [i for i, (_, _, g) in enumerate(work) if g is group]
             if members:
                 self._sparse_steps([work[i][:2] for i in members], [picks[i] for i in members], group)
+
+    def step_weight(self, param: nn.Parameter) -> None:
+        """The sparse step of one dynamic SparseGrad weight alone, its gradient complete: what `step` does to it,
+        for the layer-wise mode (`sparsegrad.layerwise`), which calls it from the weight's post-accumulate-grad hook
+        and then frees the gradient."""
+        group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
+        self._step_sparse([(param, self._layers[param], group)])
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = [(p, self._layers[p], group) for group in self.param_groups for p in group["params"]
+                if p in self._layers and p.grad is not None]
+        self._step_sparse(work)
         stashed = []
         for p, _, _ in work:
             stashed.append((p, p.grad))
@@ -315,12 +337,14 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def create_optimizer(model: nn.Module, lr: float = 1e-4, weight_decay: float = 0.0, betas=(0.9, 0.999),
-                     eps: float = 1e-8) -> SparseGradAdamW:
+                     eps: float = 1e-8, *, layerwise: bool = False) -> SparseGradAdamW:
     """One optimizer for every trainable parameter of ``model``.
 
     Dynamic-support SparseGrad weights take the rotated top-k lazy-Adam step; fixed-support delta values and all
     other trainable parameters (biases, LayerNorm, heads, attention when trained) take AdamW. Weight decay is
-    decoupled and skips biases, norms and other 1-D parameters.
+    decoupled and skips biases, norms and other 1-D parameters. ``layerwise``: the dynamic weights step inside the
+    backward, one layer at a time (`sparsegrad.layerwise`; no gradient accumulation, clipping or DDP); the handle
+    is ``optimizer.layerwise``.
     """
     layers = [m for m in model.modules() if isinstance(m, SparseGradLinear)]
     dynamic = [m for m in layers if m.support == "dynamic" and m.weight.requires_grad]
@@ -347,4 +371,7 @@ def create_optimizer(model: nn.Module, lr: float = 1e-4, weight_decay: float = 0
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError("the model has no trainable parameters")
-    return SparseGradAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, sparse_layers=dynamic)
+    optimizer = SparseGradAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, sparse_layers=dynamic)
+    if layerwise:
+        optimizer.layerwise = enable_layerwise_step(optimizer)
+    return optimizer

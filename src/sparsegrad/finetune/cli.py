@@ -313,6 +313,10 @@ def build_parser(parser_class: type[Parser] = Parser) -> argparse.ArgumentParser
     rel.add_argument("--on-nonfinite", choices=NONFINITE_CHOICES, default="stop",
                      help="a NaN/inf loss or gradient: stop with an error (default) or skip the step with a warning; "
                           "no adapter with non-finite values is ever written")
+    rel.add_argument("--layerwise-step", action="store_true",
+                     help="dynamic sparsegrad/meprop: each layer takes its optimizer step inside the backward and "
+                          "frees its dense gradient at once (less peak memory, the same weights); not with "
+                          "--grad-accum, torchrun, --on-nonfinite skip or --refresh-every")
     rel.add_argument("--stop-after", type=_positive_int, default=None, help=argparse.SUPPRESS)  # tests: interrupt
     ft.set_defaults(func=cmd_finetune)
 
@@ -465,7 +469,8 @@ def _finetune_config(args: argparse.Namespace, command: str | None = None):
         response_column=args.response_column, dtype=args.dtype, device=args.device,
         output_dir=args.output_dir, progress=not args.no_progress, command=command,
         grad_accum=args.grad_accum, save_every=args.save_every, resume=args.resume,
-        on_nonfinite=args.on_nonfinite, stop_after=args.stop_after, overwrite=args.overwrite,
+        on_nonfinite=args.on_nonfinite, layerwise_step=args.layerwise_step,
+        stop_after=args.stop_after, overwrite=args.overwrite,
         task_label=args.task_name, **_selection_fields(args),
     )
 

@@ -172,7 +172,8 @@ def train_in(cfg: FinetuneConfig, ctx: DistContext, out_dir: Path, probe: bool =
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     snapshot = method.snapshot(prepared)
-    optimizer = sg.create_optimizer(model, lr=run_setup.lr, weight_decay=cfg.weight_decay)
+    optimizer = sg.create_optimizer(model, lr=run_setup.lr, weight_decay=cfg.weight_decay,
+                                    layerwise=cfg.layerwise_step)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(plan.total_steps, plan.warmup_steps))
 
     # 5. Where to start: a fresh run, or the checkpoint's trained state, optimizer, schedule, RNG and position.

@@ -99,6 +99,8 @@ class FinetuneConfig:
     """An output folder of an interrupted run: continue from its latest checkpoint (same settings required)."""
     on_nonfinite: str = "stop"
     """A non-finite loss or gradient: ``stop`` (raise TrainingDiverged) or ``skip`` the step with a warning."""
+    layerwise_step: bool = False
+    """Dynamic SparseGrad/MeProp weights step inside the backward, one layer at a time (`sparsegrad.layerwise`)."""
     stop_after: int | None = None
     """Testing: stop after this many steps with a checkpoint, as an interruption would (exit code 0)."""
     overwrite: bool = False

@@ -176,6 +176,8 @@ class Method:
             raise ValueError(f"refresh_every applies to the sparsegrad method only, not {self.name!r}")
         if cfg.lora_rank is not None and not self.takes_lora_rank:
             raise ValueError("lora_rank applies to the lora method only")
+        if getattr(cfg, "layerwise_step", False) and not self.sparse:
+            raise ValueError(f"--layerwise-step applies to the sparsegrad and meprop methods only, not {self.name!r}")
 
 
 # ------------------------------------------------------------------------------------------------- targets, scope

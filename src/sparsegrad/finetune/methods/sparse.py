@@ -14,6 +14,7 @@ import sparsegrad as sg
 from sparsegrad.bases import broadcast_bases
 from sparsegrad.model import CONFIG_ATTR
 
+from ..distributed import env_world_size
 from .base import Method, Prepared, Setup, apply_scope, prepared, select_targets
 
 
@@ -26,6 +27,19 @@ def layer_params(model: nn.Module) -> set[nn.Parameter]:
             if isinstance(p, nn.Parameter) and (p is layer.bias or p.requires_grad):
                 out.add(p)
     return out
+
+
+def check_layerwise_flags(cfg: Any) -> None:
+    """``--layerwise-step`` steps each layer inside the backward: refuse what needs the whole step's gradient."""
+    world = env_world_size()
+    clash = [flag for flag, on in (("--support fixed", cfg.support == "fixed"),
+                                   (f"--grad-accum {cfg.grad_accum}", cfg.grad_accum != 1),
+                                   (f"torchrun ({world} processes)", world > 1),
+                                   ("--on-nonfinite skip", cfg.on_nonfinite == "skip"),
+                                   ("--refresh-every", cfg.refresh_every is not None)) if on]
+    if clash:
+        raise ValueError(f"--layerwise-step does not work with {', '.join(clash)}: each dynamic layer steps inside "
+                         "the backward, before the step's whole gradient (all micro-batches, all processes) exists")
 
 
 class Sparse(Method):
@@ -93,6 +107,8 @@ class Sparse(Method):
 
     def check(self, cfg: Any) -> None:
         super().check(cfg)
+        if getattr(cfg, "layerwise_step", False):
+            check_layerwise_flags(cfg)
         if cfg.refresh_every is not None:
             clash = [flag for flag, on in (("--grad-accum", cfg.grad_accum != 1),
                                            ("--save-every", cfg.save_every is not None),

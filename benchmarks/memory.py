@@ -1,0 +1,169 @@
+"""Peak memory of training, each method in its own fresh process, on the bundled MiniLM (CPU).
+
+    python benchmarks/memory.py --scopes mlp,all --steps 3                # the table of docs/benchmarks.md §7 "Memory"
+    python benchmarks/memory.py --methods lora,sparsegrad-layerwise --scopes mlp --malloc default
+    python benchmarks/memory.py --table runs.jsonl          # the table of earlier runs (--jsonl runs.jsonl)
+
+Methods: full, lora, meprop, sparsegrad (dynamic), sparsegrad-fixed, and ``-layerwise`` variants of the dynamic
+ones (`create_optimizer(layerwise=True)`: each layer steps in its post-accumulate-grad hook). Each child process
+loads MiniLM, converts it (2 calibration batches), then trains ``--steps`` steps (forward, backward, step,
+zero_grad; train mode; 16 x 128 random token ids, every row full, as `benchmarks/e2e_step.py`). Reported per method:
+
+* ``peak RSS, training``: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after the steps, the high-water mark having
+  been reset (``/proc/self/clear_refs`` = 5) once the method was set up, so that calibration's peak is not in it;
+* ``peak RSS, process``: the same without the reset (load, calibration and training);
+* ``tensors held``: bytes of the distinct storages of the model's parameters and buffers, the gradients as they are
+  after the last backward, the optimizer's state (with SparseGrad's position maps and buffers) and the layers'
+  journals and plans; ``bookkeeping`` is `sg.training_state_bytes`' entry of that name.
+
+``--malloc fixed`` (default) runs the children with ``MALLOC_MMAP_THRESHOLD_=131072``, so that glibc returns every
+freed tensor to the system at once and RSS follows the live tensors (with its default, adaptive threshold, freed
+blocks stay in the heap and the peaks of different methods blur together); ``--malloc default`` leaves malloc alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+
+METHODS = ("full", "lora", "meprop", "sparsegrad", "sparsegrad-fixed", "meprop-layerwise", "sparsegrad-layerwise")
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _storage_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def _optimizer_tensors(opt) -> list:
+    """The optimizer's state tensors and, for SparseGradAdamW, its supports' position maps and buffers."""
+    import torch
+
+    tensors = [v for entry in opt.state.values() for v in entry.values() if isinstance(v, torch.Tensor)]
+    for support in getattr(opt, "_supports", {}).values():
+        tensors += [support.pos_map, *support.buffers.values()]
+    return tensors
+
+
+def child(method: str, scope: str, steps: int, batch_size: int, length: int) -> dict:
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from e2e_step import build_model, prepare
+
+    import sparsegrad as sg
+
+    torch.manual_seed(0)
+    layerwise = method.endswith("-layerwise")
+    name = method.removesuffix("-layerwise")
+    model = build_model("minilm", 2)
+    loaded = _rss_mb()
+    g = torch.Generator().manual_seed(0)
+
+    def batch():
+        ids = torch.randint(1000, model.config.vocab_size, (batch_size, length), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (batch_size,),
+                                                                                                   generator=g)}
+
+    args = argparse.Namespace(density=0.01, train_scope=scope)
+    model = prepare(model, name, args, batch).model.train()
+    opt = sg.create_optimizer(model, lr=1e-4, layerwise=layerwise)
+    process_peak = _rss_mb()
+    with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark: the training phase alone from here
+        f.write("5")
+    state = None
+    for step in range(steps):
+        model(**batch()).loss.backward()
+        if step == steps - 1:
+            state = sg.training_state_bytes(model, opt)
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model_bytes = _storage_bytes([*model.parameters(), *model.buffers()])
+    held = _storage_bytes([*model.parameters(), *model.buffers(), *grads, *_optimizer_tensors(opt)]) + sum(
+        layer.bookkeeping_bytes() for layer in sg.sparsegrad_layers(model).values())
+    return {"method": method, "scope": scope, "batch": f"{batch_size}x{length}", "steps": steps,
+            "rss_after_load_mb": round(loaded, 1), "peak_rss_process_mb": round(max(process_peak, _rss_mb()), 1),
+            "peak_rss_training_mb": round(_rss_mb(), 1), "model_tensor_bytes": model_bytes,
+            "train_state": state, "tensors_held_bytes": held,
+            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"), "loadavg": os.getloadavg()}
+
+
+def table(rows: list[dict]) -> None:
+    print("| scope | method | peak RSS, training (MB) | / LoRA | peak RSS, process (MB) | / LoRA | tensors held (MB) "
+          "| / LoRA | of which bookkeeping (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        lora = next((x for x in rows if x["scope"] == r["scope"] and x["method"] == "lora"), None)
+
+        def ratio(key):
+            return f"{r[key] / lora[key]:.3f}" if lora else "-"
+        print(f"| {r['scope']} | {r['method']} | {r['peak_rss_training_mb']:.0f} | {ratio('peak_rss_training_mb')} | "
+              f"{r['peak_rss_process_mb']:.0f} | {ratio('peak_rss_process_mb')} | "
+              f"{r['tensors_held_bytes'] / 2**20:.1f} | {ratio('tensors_held_bytes')} | {r['train_state'].get('bookkeeping', 0) / 2**20:.1f} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--scopes", default="mlp,all")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--length", type=int, default=128)
+    p.add_argument("--malloc", choices=("fixed", "default"), default="fixed")
+    p.add_argument("--jsonl", help="also append each child's JSON line here")
+    p.add_argument("--table", metavar="JSONL", help="print the table of earlier runs' JSON lines (the last run of each "
+                                                    "method and scope), and stop")
+    p.add_argument("--child", nargs=2, metavar=("METHOD", "SCOPE"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(*args.child, args.steps, args.batch_size, args.length)))
+        return
+    if args.table:
+        latest = {}
+        for line in open(args.table):
+            if line.strip():
+                row = json.loads(line)
+                latest[(row["scope"], row["method"])] = row
+        table(sorted(latest.values(), key=lambda r: (r["scope"] != "mlp", METHODS.index(r["method"]))))
+        return
+    env = dict(os.environ)
+    if args.malloc == "fixed":
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    else:
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    rows = []
+    for scope in args.scopes.split(","):
+        for method in args.methods.split(","):
+            if method.removesuffix("-layerwise") not in METHODS:
+                raise SystemExit(f"memory.py: error: unknown method {method!r} (choose from {', '.join(METHODS)})")
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", method, scope, "--steps", str(args.steps),
+                   "--batch-size", str(args.batch_size), "--length", str(args.length)]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(f"memory.py: error: {method} ({scope}) failed:\n{out.stderr[-2000:]}")
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            if args.jsonl:
+                with open(args.jsonl, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+    print(f"MiniLM (bundled), CPU, batch {args.batch_size}x{args.length}, {args.steps} steps per process, malloc "
+          f"{'MALLOC_MMAP_THRESHOLD_=131072' if args.malloc == 'fixed' else 'default'}")
+    table(rows)
+
+
+if __name__ == "__main__":
+    main()
