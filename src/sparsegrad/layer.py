@@ -160,6 +160,52 @@ def _sparse_first(indices: Tensor, values: Tensor, u_out: Tensor, u_in: Tensor, 
     return left @ right if out is None else out.addmm_(left, right)
 
 
+def increment_order_key(indices: Tensor, shape: tuple[int, int]) -> Tensor:
+    """The key `add_increments` wants its entries sorted by: the flat index (row-major) when out <= in, else the
+    column-major index (its sparse product runs on the transpose)."""
+    o, i = shape
+    return indices if o <= i else (indices % i) * o + indices // i
+
+
+def add_increments(weights: list[Tensor], indices: Tensor, changes: Tensor, u_outs: list[Tensor | None],
+                   u_ins: list[Tensor | None], shape: tuple[int, int]) -> None:
+    """weights[l] += U_out[l] · scatter(indices[l], changes[l]) · U_in[l]ᵀ in place for L layers of one shape
+    (``indices``, ``changes``: L x k, each row sorted by `increment_order_key`; bases None for the identity),
+    sparse-first, with ONE sparse product for all L layers that share their bases: their sparse deltas stacked into
+    one CSR matrix. Each row of a CSR product is summed on its own, so a layer's result does not depend on the
+    others stacked with it (a replay with L = 1 is bit-identical)."""
+    if u_outs[0] is None:  # identity basis (MeProp): k scattered adds
+        for weight, idx, change in zip(weights, indices.unbind(0), changes.unbind(0)):
+            weight.view(-1).index_add_(0, idx, change)
+        return
+    u_out, u_in = u_outs[0], u_ins[0]
+    n = len(weights)
+    if n > 1 and any(a is not u_out or b is not u_in for a, b in zip(u_outs, u_ins)):
+        for l, weight in enumerate(weights):
+            add_increments([weight], indices[l:l + 1], changes[l:l + 1], u_outs[l:l + 1], u_ins[l:l + 1], shape)
+        return
+    o, i = shape
+    row, col = indices // i, indices % i
+    if o > i:  # (U_out·D)ᵀ = Dᵀ·U_outᵀ: the CSR of the stacked Dᵀ, i rows per layer
+        row, col, rows_per, dense = col, row, i, u_out.T
+    else:  # D·U_inᵀ: the CSR of the stacked D, o rows per layer
+        rows_per, dense = o, u_in.T
+    row = row + _row_edges(n, row)[:n, None] * rows_per
+    crow = torch.searchsorted(row.view(-1), _row_edges(n * rows_per, row),
+                              out_int32=row.dtype == torch.int32)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is long stable
+        warnings.simplefilter("ignore")
+        d = torch.sparse_csr_tensor(crow, col.view(-1), changes.reshape(-1), (n * rows_per, dense.shape[0]))
+    parts = (d @ dense).view(n, rows_per, -1).unbind(0)
+    if o > i:
+        u_in_t = u_in.T
+        for weight, part in zip(weights, parts):
+            weight.addmm_(part.T, u_in_t)
+    else:
+        for weight, part in zip(weights, parts):
+            weight.addmm_(u_out, part)
+
+
 def rotated_to_weight(
     indices: Tensor, values: Tensor, u_out: Tensor | None, u_in: Tensor | None, shape: tuple[int, int]
 ) -> Tensor:
@@ -323,13 +369,19 @@ class SparseGradLinear(nn.Module):
     @torch.no_grad()
     def apply_increment(self, indices: Tensor, change: Tensor) -> None:
         """Add U_out · scatter(indices, change) · U_inᵀ to the fp32 weight in place (``change``: what a step did to
-        the delta at ``indices``, increasing), and take the stored delta as merged. The weight then equals
-        W0 + delta up to fp32 rounding, until the next exact rebuild."""
-        weight = self.weight.data
-        if self.identity_basis:
-            weight.view(-1).index_add_(0, indices, change)
-        else:
-            _sparse_first(indices, change, self.u_out, self.u_in, (self.out_features, self.in_features), out=weight)
+        the delta at ``indices``), and take the stored delta as merged. The weight then equals W0 + delta up to
+        fp32 rounding, until the next exact rebuild. The same sums as `SparseGradAdamW`'s stacked step."""
+        shape = (self.out_features, self.in_features)
+        if not self.identity_basis:
+            order = increment_order_key(indices, shape).argsort()
+            indices, change = indices[order], change[order]
+        u_out, u_in = self._rotation()
+        add_increments([self.weight.data], indices[None], change[None], [u_out], [u_in], shape)
+        self.note_increment(indices, change)
+
+    def note_increment(self, indices: Tensor, change: Tensor) -> None:
+        """Record that ``weight`` was increased by the step's ``change`` at ``indices`` (`add_increments`): the
+        stored delta counts as merged, the weight as inexact until the next rebuild; the journal keeps the step."""
         self._merged_key = self._delta_key()
         self._weight_inexact = True
         if self._journal is not None:
@@ -429,9 +481,10 @@ class SparseGradLinear(nn.Module):
 
     @torch.no_grad()
     def _rebuild(self) -> None:
-        if self._delta_unsorted:
-            self._sort_delta()
         indices, values = self._stored_delta()
+        if self._delta_unsorted:  # a sorted copy: the storage keeps the optimizer's order (and its positions)
+            order = torch.argsort(indices)
+            indices, values = indices[order], values[order]
         self.weight.copy_(self._plus_delta(self.base_weight, indices, values.detach(), *self._rotation()))
         self._merged_key = self._delta_key()
         self._weight_inexact = False
@@ -573,6 +626,8 @@ class SparseGradLinear(nn.Module):
             self._merged_key = self._delta_key()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self._delta_unsorted:
+            self._sort_delta()
         self.sync_weight()  # sorted delta and the exact weight: what loading this state dict reproduces
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
