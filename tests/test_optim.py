@@ -347,3 +347,21 @@ def test_stacked_resume_replays_the_increments_bit_for_bit():
     _train_stacked(resumed, opt_b, [x[5:] for x in data])
     for a, b in zip(layers, resumed):
         assert torch.equal(a.weight, b.weight) and torch.equal(a.delta_values, b.delta_values)
+
+
+def test_a_stack_staggers_its_exact_rebuilds():
+    """Layer l of a stack rebuilds exactly at its step EXACT_REBUILD_EVERY - l (then every EXACT_REBUILD_EVERY), so
+    no step rebuilds them all; the rebuilt weight is the exact W0 + delta."""
+    layers = [layer for _, layer in _shared_basis_layers((12, 8), 3, 9, False, seed=6)[0]]
+    opt = sg.SparseGradAdamW([m.weight for m in layers], lr=0.05, sparse_layers=layers)
+    data = [_batches((12, 8), sg.optim.EXACT_REBUILD_EVERY, seed=j) for j in range(3)]
+    rebuilt = {j: [] for j in range(3)}
+    for step in range(sg.optim.EXACT_REBUILD_EVERY):
+        _train_stacked(layers, opt, [x[step:step + 1] for x in data])
+        for j, layer in enumerate(layers):
+            if not layer._weight_inexact:
+                rebuilt[j].append(step + 1)
+                exact = layer._plus_delta(layer.base_weight, layer.delta_indices, layer.delta_values,
+                                          *layer._rotation())
+                assert torch.equal(layer.weight.detach(), exact)
+    assert rebuilt == {j: [sg.optim.EXACT_REBUILD_EVERY - j] for j in range(3)}

@@ -238,13 +238,15 @@ class _Stack:
     @torch.no_grad()
     def finish(self, pick: dict, block: Tensor, change: Tensor, states: list[dict]) -> None:
         """Scatter the updated entries back, hand the rows to the layers, and update each weight: by the step's
-        changes (one stacked sparse product), or by an exact rebuild every `EXACT_REBUILD_EVERY` steps of the
-        layer and for bf16/fp16 weights (small increments would round away)."""
+        changes (one stacked sparse product), or by an exact rebuild once every `EXACT_REBUILD_EVERY` steps of
+        the layer and at every step for bf16/fp16 weights (small increments would round away)."""
         pos = pick["pos"].expand(len(_SLOTS), -1, -1)
         self.slots.scatter_(2, pos, block)
         self.publish(states, appended=True)
-        exact = [self.layers[0].weight.dtype != torch.float32 or count % EXACT_REBUILD_EVERY == 0
-                 for count in self.step_counts]
+        # layer l of the stack rebuilds at its steps EXACT_REBUILD_EVERY - l, 2 * EXACT_REBUILD_EVERY - l, ...:
+        # staggered, so that no step rebuilds the whole stack at once (each rebuild is a dozen ops of its own)
+        exact = [self.layers[0].weight.dtype != torch.float32 or (count + l) % EXACT_REBUILD_EVERY == 0
+                 for l, count in enumerate(self.step_counts)]
         if not all(exact):
             bases = [layer._rotation() for layer in self.layers]
             add_increments([layer.weight.data for layer in self.layers], pick["stored"], change,
