@@ -6,7 +6,7 @@ The layer keeps three things per matrix:
 * the delta in the rotated basis, sparse: flat ``delta_indices`` into an out x in matrix and ``delta_values``;
 * ``weight`` = W0 + U_out · scatter(delta) · U_inᵀ, the effective weight the forward uses. It is rebuilt from W0
   and the delta, so a model loaded from an adapter has bit-identical weights. Between rebuilds, `SparseGradAdamW`
-  adds each step's change of its k entries to an fp32 weight (`add_rotated_`: O(k) plus one thin product instead
+  adds each step's change of its k entries to an fp32 weight (`add_increments`: O(k) plus one thin product instead
   of a rebuild); such a weight is rebuilt exactly every few steps, at every ``sync_weight``/``state_dict``/fold,
   and at every forward in eval mode, so inference and adapters see exactly W0 + delta.
 
@@ -148,16 +148,15 @@ def _csr(indices: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
         return torch.sparse_csr_tensor(crow, cols, values.float(), shape)
 
 
-def _sparse_first(indices: Tensor, values: Tensor, u_out: Tensor, u_in: Tensor, shape: tuple[int, int],
-                  out: Tensor | None = None) -> Tensor:
-    """U_out · D · U_inᵀ (added to ``out`` in place when given) with the sparse D (flat ``indices`` increasing)
-    multiplied first by the basis of the larger side: nnz·max(o, i) sparse plus o·i·min(o, i) dense multiply-adds."""
+def _sparse_first(indices: Tensor, values: Tensor, u_out: Tensor, u_in: Tensor, shape: tuple[int, int]) -> Tensor:
+    """U_out · D · U_inᵀ with the sparse D (flat ``indices`` increasing) multiplied first by the basis of the larger
+    side: nnz·max(o, i) sparse plus o·i·min(o, i) dense multiply-adds."""
     d = _csr(indices, values, shape)
     if shape[0] > shape[1]:
         left, right = (d.t() @ u_out.T).T, u_in.T
     else:
         left, right = u_out, d @ u_in.T
-    return left @ right if out is None else out.addmm_(left, right)
+    return left @ right
 
 
 def increment_order_key(indices: Tensor, shape: tuple[int, int]) -> Tensor:
