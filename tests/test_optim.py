@@ -312,10 +312,11 @@ def test_stacked_layers_each_match_the_dense_reference(identity):
 
 @pytest.mark.parametrize("identity", [False, True])
 def test_a_stacked_step_is_bit_identical_to_stepping_each_layer_alone(identity):
-    def run(together):
-        pairs, _, _ = _shared_basis_layers((12, 8), 3, 9, identity, seed=2)
+    def run(together):  # two kinds of one shape (as LLaMA's gate and up): one stack, one product per kind
+        pairs = _shared_basis_layers((12, 8), 2, 9, identity, seed=2)[0] + \
+            _shared_basis_layers((12, 8), 2, 9, identity, seed=3)[0]
         layers = [layer for _, layer in pairs]
-        data = [_batches((12, 8), 5, seed=j) for j in range(3)]
+        data = [_batches((12, 8), 5, seed=j) for j in range(4)]
         if together:
             _train_stacked(layers, sg.SparseGradAdamW([m.weight for m in layers], lr=0.05, sparse_layers=layers), data)
         else:

@@ -128,6 +128,15 @@ def _sparse_first_cost(nnz: int, shape: tuple[int, int]) -> int:
 
 
 _ROW_EDGES: dict[tuple, Tensor] = {}
+_INDEX_TENSORS: dict[tuple, Tensor] = {}
+
+
+def _index_tensor(rows: tuple[int, ...], device: torch.device) -> Tensor:
+    """``rows`` as an int64 tensor on ``device``, made once (no host-to-device copy per step)."""
+    key = (rows, device)
+    if key not in _INDEX_TENSORS:
+        _INDEX_TENSORS[key] = torch.tensor(rows, device=device)
+    return _INDEX_TENSORS[key]
 
 
 def _row_edges(n: int, like: Tensor) -> Tensor:
@@ -170,8 +179,8 @@ def add_increments(weights: list[Tensor], indices: Tensor, changes: Tensor, u_ou
                    u_ins: list[Tensor | None], shape: tuple[int, int]) -> None:
     """weights[l] += U_out[l] · scatter(indices[l], changes[l]) · U_in[l]ᵀ in place for L layers of one shape
     (``indices``, ``changes``: L x k, each row sorted by `increment_order_key`; bases None for the identity),
-    sparse-first, with ONE sparse product for all L layers that share their bases: their sparse deltas stacked into
-    one CSR matrix. Each row of a CSR product is summed on its own, so a layer's result does not depend on the
+    sparse-first, with ONE sparse product for the layers that share a pair of bases (the blocks of a kind): their
+    sparse deltas stacked into one CSR matrix. Each row of a CSR product is summed on its own, so a layer's result does not depend on the
     others stacked with it (a replay with L = 1 is bit-identical)."""
     if u_outs[0] is None:  # identity basis (MeProp): k scattered adds
         for weight, idx, change in zip(weights, indices.unbind(0), changes.unbind(0)):
@@ -179,9 +188,14 @@ def add_increments(weights: list[Tensor], indices: Tensor, changes: Tensor, u_ou
         return
     u_out, u_in = u_outs[0], u_ins[0]
     n = len(weights)
-    if n > 1 and any(a is not u_out or b is not u_in for a, b in zip(u_outs, u_ins)):
-        for l, weight in enumerate(weights):
-            add_increments([weight], indices[l:l + 1], changes[l:l + 1], u_outs[l:l + 1], u_ins[l:l + 1], shape)
+    if any(a is not u_out or b is not u_in for a, b in zip(u_outs, u_ins)):  # one product per pair of bases
+        kinds: dict[tuple[int, int], list[int]] = {}
+        for l, (a, b) in enumerate(zip(u_outs, u_ins)):
+            kinds.setdefault((id(a), id(b)), []).append(l)
+        for rows in kinds.values():
+            at = _index_tensor(tuple(rows), indices.device)
+            add_increments([weights[l] for l in rows], indices[at], changes[at], [u_outs[rows[0]]] * len(rows),
+                           [u_ins[rows[0]]] * len(rows), shape)
         return
     o, i = shape
     row, col = indices // i, indices % i
