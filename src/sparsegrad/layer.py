@@ -6,7 +6,7 @@ The layer keeps three things per matrix:
 * the delta in the rotated basis, sparse: flat ``delta_indices`` into an out x in matrix and ``delta_values``;
 * ``weight`` = W0 + U_out · scatter(delta) · U_inᵀ, the effective weight the forward uses. It is rebuilt from W0
   and the delta, so a model loaded from an adapter has bit-identical weights. Between rebuilds, `SparseGradAdamW`
-  adds each step's change of its k entries to an fp32 weight (`add_rotated_`: O(k) plus one thin product instead
+  adds each step's change of its k entries to an fp32 weight (`add_increments`: O(k) plus one thin product instead
   of a rebuild); such a weight is rebuilt exactly every few steps, at every ``sync_weight``/``state_dict``/fold,
   and at every forward in eval mode, so inference and adapters see exactly W0 + delta.
 
@@ -120,6 +120,15 @@ def _sparse_first_cost(nnz: int, shape: tuple[int, int]) -> int:
 
 
 _ROW_EDGES: dict[tuple, Tensor] = {}
+_INDEX_TENSORS: dict[tuple, Tensor] = {}
+
+
+def _index_tensor(rows: tuple[int, ...], device: torch.device) -> Tensor:
+    """``rows`` as an int64 tensor on ``device``, made once (no host-to-device copy per step)."""
+    key = (rows, device)
+    if key not in _INDEX_TENSORS:
+        _INDEX_TENSORS[key] = torch.tensor(rows, device=device)
+    return _INDEX_TENSORS[key]
 
 
 def _row_edges(n: int, like: Tensor) -> Tensor:
@@ -140,16 +149,66 @@ def _csr(indices: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
         return torch.sparse_csr_tensor(crow, cols, values.float(), shape)
 
 
-def _sparse_first(indices: Tensor, values: Tensor, u_out: Tensor, u_in: Tensor, shape: tuple[int, int],
-                  out: Tensor | None = None) -> Tensor:
-    """U_out · D · U_inᵀ (added to ``out`` in place when given) with the sparse D (flat ``indices`` increasing)
-    multiplied first by the basis of the larger side: nnz·max(o, i) sparse plus o·i·min(o, i) dense multiply-adds."""
+def _sparse_first(indices: Tensor, values: Tensor, u_out: Tensor, u_in: Tensor, shape: tuple[int, int]) -> Tensor:
+    """U_out · D · U_inᵀ with the sparse D (flat ``indices`` increasing) multiplied first by the basis of the larger
+    side: nnz·max(o, i) sparse plus o·i·min(o, i) dense multiply-adds."""
     d = _csr(indices, values, shape)
     if shape[0] > shape[1]:
         left, right = (d.t() @ u_out.T).T, u_in.T
     else:
         left, right = u_out, d @ u_in.T
-    return left @ right if out is None else out.addmm_(left, right)
+    return left @ right
+
+
+def increment_order_key(indices: Tensor, shape: tuple[int, int]) -> Tensor:
+    """The key `add_increments` wants its entries sorted by: the flat index (row-major) when out <= in, else the
+    column-major index (its sparse product runs on the transpose)."""
+    o, i = shape
+    return indices if o <= i else (indices % i) * o + indices // i
+
+
+def add_increments(weights: list[Tensor], indices: Tensor, changes: Tensor, u_outs: list[Tensor | None],
+                   u_ins: list[Tensor | None], shape: tuple[int, int]) -> None:
+    """weights[l] += U_out[l] · scatter(indices[l], changes[l]) · U_in[l]ᵀ in place for L layers of one shape
+    (``indices``, ``changes``: L x k, each row sorted by `increment_order_key`; bases None for the identity),
+    sparse-first, with ONE sparse product for the layers that share a pair of bases (the blocks of a kind): their
+    sparse deltas stacked into one CSR matrix. Each row of a CSR product is summed on its own, so a layer's result does not depend on the
+    others stacked with it (a replay with L = 1 is bit-identical)."""
+    if u_outs[0] is None:  # identity basis (MeProp): k scattered adds
+        for weight, idx, change in zip(weights, indices.unbind(0), changes.unbind(0)):
+            weight.view(-1).index_add_(0, idx, change)
+        return
+    u_out, u_in = u_outs[0], u_ins[0]
+    n = len(weights)
+    if any(a is not u_out or b is not u_in for a, b in zip(u_outs, u_ins)):  # one product per pair of bases
+        kinds: dict[tuple[int, int], list[int]] = {}
+        for l, (a, b) in enumerate(zip(u_outs, u_ins)):
+            kinds.setdefault((id(a), id(b)), []).append(l)
+        for rows in kinds.values():
+            at = _index_tensor(tuple(rows), indices.device)
+            add_increments([weights[l] for l in rows], indices[at], changes[at], [u_outs[rows[0]]] * len(rows),
+                           [u_ins[rows[0]]] * len(rows), shape)
+        return
+    o, i = shape
+    row, col = indices // i, indices % i
+    if o > i:  # (U_out·D)ᵀ = Dᵀ·U_outᵀ: the CSR of the stacked Dᵀ, i rows per layer
+        row, col, rows_per, dense = col, row, i, u_out.T
+    else:  # D·U_inᵀ: the CSR of the stacked D, o rows per layer
+        rows_per, dense = o, u_in.T
+    row = row + _row_edges(n, row)[:n, None] * rows_per
+    crow = torch.searchsorted(row.view(-1), _row_edges(n * rows_per, row),
+                              out_int32=row.dtype == torch.int32)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is long stable
+        warnings.simplefilter("ignore")
+        d = torch.sparse_csr_tensor(crow, col.view(-1), changes.reshape(-1), (n * rows_per, dense.shape[0]))
+    parts = (d @ dense).view(n, rows_per, -1).unbind(0)
+    if o > i:
+        u_in_t = u_in.T
+        for weight, part in zip(weights, parts):
+            weight.addmm_(part.T, u_in_t)
+    else:
+        for weight, part in zip(weights, parts):
+            weight.addmm_(u_out, part)
 
 
 def rotated_to_weight(
@@ -315,13 +374,19 @@ class SparseGradLinear(nn.Module):
     @torch.no_grad()
     def apply_increment(self, indices: Tensor, change: Tensor) -> None:
         """Add U_out · scatter(indices, change) · U_inᵀ to the fp32 weight in place (``change``: what a step did to
-        the delta at ``indices``, increasing), and take the stored delta as merged. The weight then equals
-        W0 + delta up to fp32 rounding, until the next exact rebuild."""
-        weight = self.weight.data
-        if self.identity_basis:
-            weight.view(-1).index_add_(0, indices, change)
-        else:
-            _sparse_first(indices, change, self.u_out, self.u_in, (self.out_features, self.in_features), out=weight)
+        the delta at ``indices``), and take the stored delta as merged. The weight then equals W0 + delta up to
+        fp32 rounding, until the next exact rebuild. The same sums as `SparseGradAdamW`'s stacked step."""
+        shape = (self.out_features, self.in_features)
+        if not self.identity_basis:
+            order = increment_order_key(indices, shape).argsort()
+            indices, change = indices[order], change[order]
+        u_out, u_in = self._rotation()
+        add_increments([self.weight.data], indices[None], change[None], [u_out], [u_in], shape)
+        self.note_increment(indices, change)
+
+    def note_increment(self, indices: Tensor, change: Tensor) -> None:
+        """Record that ``weight`` was increased by the step's ``change`` at ``indices`` (`add_increments`): the
+        stored delta counts as merged, the weight as inexact until the next rebuild; the journal keeps the step."""
         self._merged_key = self._delta_key()
         self._weight_inexact = True
         if self._journal is not None:
@@ -431,9 +496,10 @@ class SparseGradLinear(nn.Module):
 
     @torch.no_grad()
     def _rebuild(self) -> None:
-        if self._delta_unsorted:
-            self._sort_delta()
         indices, values = self._stored_delta()
+        if self._delta_unsorted:  # a sorted copy: the storage keeps the optimizer's order (and its positions)
+            order = torch.argsort(indices)
+            indices, values = indices[order], values[order]
         self.weight.copy_(self._plus_delta(self.base_weight, indices, values.detach(), *self._rotation()))
         self._merged_key = self._delta_key()
         self._weight_inexact = False
@@ -560,6 +626,8 @@ class SparseGradLinear(nn.Module):
             self._merged_key = self._delta_key()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self._delta_unsorted:
+            self._sort_delta()
         self.sync_weight()  # sorted delta and the exact weight: what loading this state dict reproduces
         super()._save_to_state_dict(destination, prefix, keep_vars)
 

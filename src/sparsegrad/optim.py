@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from .layer import SparseGradLinear, topk_candidates, topk_indices
+from .layer import SparseGradLinear, add_increments, increment_order_key, topk_indices
 from .layerwise import enable_layerwise_step
 
 
@@ -94,43 +94,171 @@ def _host_read(t: Tensor) -> list:
         return t.tolist()
 
 
-class _Support:
-    """A dynamic layer's support as the optimizer keeps it: a dense int32 position map (-1 = absent) over the
-    out x in entries and append-only, capacity-doubling buffers aligned with it (indices, values, Adam's moments,
-    per-entry step counts). The layer's delta and the optimizer state are views of the first ``n`` entries."""
+_SLOTS = ("values", "exp_avg", "exp_avg_sq", "entry_steps")  # the float arrays aligned with a support
+_MOMENTS = _SLOTS[1:]
 
-    NAMES = ("exp_avg", "exp_avg_sq", "entry_steps")
 
-    def __init__(self, layer: SparseGradLinear, state: dict):
-        indices, values = layer._stored_delta()
-        self.n = indices.numel()
-        self.pos_map = torch.full((layer.out_features * layer.in_features,), -1, dtype=torch.int32,
-                                  device=indices.device)
-        self.pos_map[indices.long()] = torch.arange(self.n, dtype=torch.int32, device=indices.device)
-        self.buffers = {"indices": indices.to(layer.index_dtype), "values": values.detach().float(),
-                        **{name: state[name] for name in self.NAMES}}
-        self.steps = int(state["step"])  # the layer's step count, kept on the host: exact rebuilds at multiples
-        self.publish(layer, state, appended=False)
+class _Stack:
+    """The dynamic layers of one param group that share a shape, k, dtype and device, stepped together: one
+    top-k, one gather and one scatter per array and (for layers that share their bases, as the blocks of a kind
+    do) one sparse product for all L layers, so that the ops per matrix fall by about L (on a GPU each op is a
+    kernel launch).
 
-    def reserve(self, size: int, k: int) -> None:
-        """Capacity for ``size`` entries (doubling, at least 4 steps' worth: appends cost O(k) amortised)."""
-        cap = self.buffers["values"].numel()
+    Per layer l: a row of a dense int32 position map over the out x in entries (-1 = absent) and a row of
+    append-only, capacity-doubling buffers aligned with it (indices; values and Adam's moments and per-entry step
+    counts in one float buffer). The layer's delta and its optimizer state are views of the first n[l] entries of
+    its rows; `SparseGradAdamW` re-imports the stack when a layer's delta or state changed behind its back."""
+
+    def __init__(self, members: list, states: list[dict], offsets: list[int]):
+        self.params = [p for p, _ in members]
+        self.offsets = offsets  # each layer's place among the optimizer's sparse layers: its rebuild phase
+        self.layers = [layer for _, layer in members]
+        first = self.layers[0]
+        self.shape = (first.out_features, first.in_features)
+        self.k, self.identity = first.k, first.identity_basis
+        device = first.weight.device
+        L, numel = len(self.layers), self.shape[0] * self.shape[1]
+        stored = [layer._stored_delta() for layer in self.layers]
+        self.n = [idx.numel() for idx, _ in stored]
+        cap = max(max(self.n), 4 * self.k)
+        self.pos_map = torch.full((L, numel), -1, dtype=torch.int32, device=device)
+        self.indices = torch.zeros((L, cap), dtype=first.index_dtype, device=device)
+        self.slots = torch.zeros((len(_SLOTS), L, cap), dtype=torch.float32, device=device)
+        self.steps = torch.zeros(L, dtype=torch.float32)  # each layer's state["step"], on the host as torch keeps it
+        for l, ((idx, vals), state) in enumerate(zip(stored, states)):
+            n = self.n[l]
+            self.pos_map[l, idx.long()] = torch.arange(n, dtype=torch.int32, device=device)
+            self.indices[l, :n] = idx
+            self.slots[0, l, :n] = vals.detach()
+            for s, name in enumerate(_MOMENTS, 1):
+                self.slots[s, l, :n] = state[name]
+            self.steps[l] = float(state["step"])
+        self.step_counts = [int(t) for t in self.steps.tolist()]  # host copies: exact rebuilds at multiples
+        self.last = torch.tensor(self.n, dtype=torch.int32, device=device).sub_(1)[:, None]  # n - 1, on the device
+        self.publish(states, appended=False)
+
+    def valid(self, states: list[dict]) -> bool:
+        """Whether every layer's delta and state are still the views this stack published."""
+        return all(layer._delta_key() == key and state.get("exp_avg") is ref and state.get("step") is step
+                   for layer, state, (key, ref, step) in zip(self.layers, states, self.published))
+
+    def publish(self, states: list[dict], *, appended: bool) -> None:
+        """Point each layer's delta and optimizer state at the first n[l] entries of its rows."""
+        cap = self.indices.shape[1]
+        sizes = [size for n in self.n for size in (n, cap - n)]
+        indices = self.indices.view(-1).split_with_sizes(sizes)[0::2]
+        slots = self.slots.view(-1).split_with_sizes(sizes * len(_SLOTS))[0::2]
+        L, self.published = len(self.layers), []
+        steps = self.steps.unbind(0)
+        for l, (layer, state) in enumerate(zip(self.layers, states)):
+            layer.set_delta_storage(indices[l], slots[l], appended=appended)
+            state["step"] = steps[l]
+            for s, name in enumerate(_MOMENTS, 1):
+                state[name] = slots[s * L + l]
+            self.published.append((layer._delta_key(), state["exp_avg"], state["step"]))
+
+    @torch.no_grad()
+    def select(self) -> tuple:
+        """The step's top-k of every layer's rotated gradient, in the order `add_increments` takes, and where each
+        entry sits (or will be appended) in its row (L x k each: idx, grad, pos; new: the count of new entries per
+        row), and the flags the host must read (3 x L: finite, tie, new). No host sync."""
+        L, (o, i), k = len(self.layers), self.shape, self.k
+        grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in self.params]
+        if self.identity:
+            rotated = torch.stack(grads).view(L, o * i)
+        else:
+            rotated = torch.empty((L, o, i), dtype=torch.float32, device=grads[0].device)
+            for layer, grad, out in zip(self.layers, grads, rotated.unbind(0)):
+                torch.mm(torch.mm(layer.u_out.T, grad), layer.u_in, out=out)  # = layer.rotate(grad)
+            rotated = rotated.view(L, o * i)
+        magnitude = rotated.abs()
+        if k >= o * i:
+            idx = torch.arange(o * i, device=rotated.device).expand(L, -1)
+            tie = torch.zeros(L, dtype=torch.bool, device=rotated.device)
+            top = magnitude.amax(1)
+        else:
+            values, idx = magnitude.topk(k + 1, dim=1)  # descending: the cut is between columns k - 1 and k
+            tie, top, idx = values[:, k - 1] == values[:, k], values[:, 0], idx[:, :k]
+        del magnitude
+        idx = self._ordered(idx)
+        pos, new = self._positions(idx)
+        pick = {"idx": idx, "grad": rotated.gather(1, idx), "pos": pos, "new": new}
+        return pick, torch.stack((torch.isfinite(top).int(), tie.int(), new))
+
+    def _ordered(self, idx: Tensor) -> Tensor:
+        """``idx`` (L x k) with each row sorted by `increment_order_key` (identity bases need no order)."""
+        if self.identity:
+            return idx
+        order = increment_order_key(idx, self.shape).sort(dim=1).indices
+        return idx.gather(1, order)
+
+    def _positions(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Positions of ``idx`` in each row, new entries numbered from n[l] on; their count per row."""
+        pos = self.pos_map.gather(1, idx)
+        new = pos < 0
+        rank = new.cumsum(1, dtype=torch.int32)
+        return torch.where(new, rank + self.last, pos), rank[:, -1]
+
+    @torch.no_grad()
+    def place(self, pick: dict, ties: list[bool], counts: list[int]) -> None:
+        """Write the step's new entries into the rows; tied rows first get the exact, lower-index-first set (with
+        host syncs: rare)."""
+        if any(ties):
+            for l in (l for l, tie in enumerate(ties) if tie):
+                rotated = self.layers[l].rotate(self.params[l].grad).reshape(-1)
+                exact = self._ordered(topk_indices(rotated, self.k)[None])[0]
+                pick["idx"][l], pick["grad"][l] = exact, rotated[exact]
+            pick["pos"], pick["new"] = self._positions(pick["idx"])
+            counts = pick["new"].tolist()
+        self.reserve(max(n + c for n, c in zip(self.n, counts)))
+        idx, pos = pick["idx"], pick["pos"]
+        pick["pos"] = pos.long()
+        pick["stored"] = idx.to(self.indices.dtype)
+        self.indices.scatter_(1, pick["pos"], pick["stored"])
+        self.pos_map.scatter_(1, idx, pos)
+        self.last += pick["new"][:, None]
+        self.n = [n + c for n, c in zip(self.n, counts)]
+        self.steps += 1
+        self.step_counts = [s + 1 for s in self.step_counts]
+
+    def reserve(self, size: int) -> None:
+        """Capacity for ``size`` entries per row (doubling, at least 4 steps' worth: appends cost O(k) amortised)."""
+        cap = self.indices.shape[1]
         if size <= cap:
             return
-        cap = max(size, 2 * cap, 4 * k)
-        for name, buf in self.buffers.items():
-            grown = buf.new_zeros(cap)
-            grown[: self.n] = buf[: self.n]
-            self.buffers[name] = grown
+        cap = max(size, 2 * cap, 4 * self.k)
+        for name in ("indices", "slots"):
+            old = getattr(self, name)
+            grown = old.new_zeros((*old.shape[:-1], cap))
+            grown[..., : old.shape[-1]] = old
+            setattr(self, name, grown)
 
-    def publish(self, layer: SparseGradLinear, state: dict, *, appended: bool) -> None:
-        """Point the layer's delta and the optimizer state at the first ``n`` entries."""
-        b, n = self.buffers, self.n
-        layer.set_delta_storage(b["indices"][:n], b["values"][:n], appended=appended)
-        for name in self.NAMES:
-            state[name] = b[name][:n]
-        self.key = layer._delta_key()
-        self.state_ref = state["exp_avg"]
+    def gather(self, pick: dict) -> Tensor:
+        """The step's entries of every float array in one gather: a (4, L, k) block, `_SLOTS` in order."""
+        return self.slots.gather(2, pick["pos"].expand(len(_SLOTS), -1, -1))
+
+    @torch.no_grad()
+    def finish(self, pick: dict, block: Tensor, change: Tensor, states: list[dict]) -> None:
+        """Scatter the updated entries back, hand the rows to the layers, and update each weight: by the step's
+        changes (one stacked sparse product), or by an exact rebuild once every `EXACT_REBUILD_EVERY` steps of
+        the layer and at every step for bf16/fp16 weights (small increments would round away)."""
+        pos = pick["pos"].expand(len(_SLOTS), -1, -1)
+        self.slots.scatter_(2, pos, block)
+        self.publish(states, appended=True)
+        # the optimizer's sparse layer l rebuilds at its steps EXACT_REBUILD_EVERY - l, 2 * EXACT_REBUILD_EVERY - l,
+        # ...: staggered, so that no step rebuilds a whole stack at once (each rebuild is a dozen ops of its own);
+        # the phase is the layer's own, not its place in a stack, so a layer steps alike alone (layer-wise) or stacked
+        exact = [self.layers[0].weight.dtype != torch.float32 or (count + l) % EXACT_REBUILD_EVERY == 0
+                 for l, count in zip(self.offsets, self.step_counts)]
+        if not all(exact):
+            bases = [layer._rotation() for layer in self.layers]
+            add_increments([layer.weight.data for layer in self.layers], pick["stored"], change,
+                           [u for u, _ in bases], [u for _, u in bases], self.shape)
+        for layer, rebuild, stored, delta in zip(self.layers, exact, pick["stored"].unbind(0), change.unbind(0)):
+            if rebuild:
+                layer.sync_weight()
+            else:
+                layer.note_increment(stored, delta)
 
 
 class SparseGradAdamW(torch.optim.AdamW):
@@ -142,15 +270,16 @@ class SparseGradAdamW(torch.optim.AdamW):
     ``delta_indices`` (sorted in a state_dict), ``exp_avg``, ``exp_avg_sq`` and ``entry_steps``.
 
     A step reads one small tensor back to the host for all layers together (finiteness, ties at the top-k cut,
-    new support entries), keeps the support in O(k) (see `_Support`), and updates an fp32 weight by the step's k
-    changes only (`SparseGradLinear.apply_increment`), with an exact rebuild every `EXACT_REBUILD_EVERY` steps.
+    new support entries), steps the layers of one shape together (`_Stack`: one top-k, gather, scatter
+    and sparse product for all of them), keeps the support in O(k), and updates an fp32 weight by the step's k
+    changes only (`add_increments`), with an exact rebuild every `EXACT_REBUILD_EVERY` steps.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  *, sparse_layers: Iterable[SparseGradLinear] = ()):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self._layers: dict[nn.Parameter, SparseGradLinear] = {}
-        self._supports: dict[nn.Parameter, _Support] = {}
+        self._stacks: dict[tuple[nn.Parameter, ...], _Stack] = {}
         known = {p for g in self.param_groups for p in g["params"]}
         for layer in sparse_layers:
             if layer.support != "dynamic":
@@ -160,55 +289,78 @@ class SparseGradAdamW(torch.optim.AdamW):
             self._layers[layer.weight] = layer
 
     # ------------------------------------------------------------------------------------------ support state
-    def _support_of(self, param: nn.Parameter, layer: SparseGradLinear) -> _Support:
-        """The layer's `_Support`, rebuilt when the layer's delta or the state changed behind the optimizer's back
-        (sorted by a read, loaded, refreshed); a sort's permutation is applied to the moments."""
+    def _stacks_for(self, work: list) -> list[tuple[_Stack, dict, list[dict]]]:
+        """The step's layers as `_Stack`s (one per param group, shape, k, dtype, device), each with its param
+        group and its layers' states; a stack is (re)built when its members changed or a layer's delta or state
+        changed behind the optimizer's back (sorted by a read, loaded, refreshed)."""
+        buckets: dict[tuple, tuple[dict, list]] = {}
+        for p, layer, group in work:
+            key = (id(group), layer.out_features, layer.in_features, layer.k, layer.identity_basis,
+                   layer.weight.dtype, layer.weight.device, layer.index_dtype)
+            buckets.setdefault(key, (group, []))[1].append((p, layer))
+        stacks = []
+        for group, members in buckets.values():
+            params = tuple(p for p, _ in members)
+            stack = self._stacks.get(params)
+            states = [self.state[p] for p in params]
+            if stack is None or not stack.valid(states):
+                states = [self._aligned_state(p, layer) for p, layer in members]
+                order = {p: i for i, p in enumerate(self._layers)}
+                stack = _Stack(members, states, [order[p] for p in params])
+                self._stacks = {key: s for key, s in self._stacks.items() if not set(key) & set(params)}
+                self._stacks[params] = stack
+            stacks.append((stack, group, states))
+        return stacks
+
+    def _aligned_state(self, param: nn.Parameter, layer: SparseGradLinear) -> dict:
+        """The layer's optimizer state, aligned with its stored delta: fresh moments for a delta that arrived
+        without state (resumed, loaded), a sort's permutation applied to the moments the optimizer published."""
         state = self.state[param]
-        support = self._supports.get(param)
-        key = layer._delta_key()
-        if support is not None and state and support.key == key and state.get("exp_avg") is support.state_ref:
-            return support
         n = layer._stored_delta()[0].numel()
-        if not state:  # a layer may arrive with a support already (resumed, loaded): fresh moments for it
+        if not state:
             zeros = torch.zeros(n, dtype=torch.float32, device=param.device)
             state.update(step=torch.tensor(0.0), exp_avg=zeros, exp_avg_sq=zeros.clone(), entry_steps=zeros.clone())
-        elif support is not None and state.get("exp_avg") is support.state_ref and layer._sort_record is not None \
-                and layer._sort_record[0] == support.key and layer._sort_record[2] == key:
-            order = layer._sort_record[1]
-            for name in _Support.NAMES:
-                state[name] = state[name][order]
+        else:
+            key, ref = next(((k, r) for stack in self._stacks.values()
+                             for p, (k, r, _) in zip(stack.params, stack.published) if p is param), (None, None))
+            record = layer._sort_record
+            if state.get("exp_avg") is ref and record is not None and record[0] == key \
+                    and record[2] == layer._delta_key():
+                for name in _MOMENTS:
+                    state[name] = state[name][record[1]]
         if state["exp_avg"].numel() != n:
             raise ValueError(
                 f"optimizer state holds {state['exp_avg'].numel()} entries but the {layer.kind!r} layer's support "
                 f"has {n}: restore the model and the optimizer from the same checkpoint"
             )
-        support = self._supports[param] = _Support(layer, state)
-        return support
+        return state
 
     def state_dict(self):
-        """The standard state_dict, every sparse layer's delta sorted (its moments along). A sparse weight's entry
-        also holds the layer's increments since its last exact rebuild (`_JOURNAL_KEYS`), which `load_state_dict`
-        replays so that the resumed weight is bit-identical; the live state is not changed."""
+        """The standard state_dict, every sparse layer's delta sorted (its moments along), its tensors compact
+        copies. A sparse weight's entry also holds the layer's increments since its last exact rebuild
+        (`_JOURNAL_KEYS`), which `load_state_dict` replays so that the resumed weight is bit-identical."""
         for param, layer in self._layers.items():
             if self.state.get(param):
                 if layer._delta_unsorted:
                     layer._sort_delta()
-                self._support_of(param, layer)
+                self._aligned_state(param, layer)
         packed = super().state_dict()
         ids = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         for param, layer in self._layers.items():
-            journal = layer.increment_journal()
-            if journal is not None and ids[id(param)] in packed["state"]:
-                packed["state"][ids[id(param)]] = {**packed["state"][ids[id(param)]], **journal}
+            i = ids[id(param)]
+            if i in packed["state"]:  # views of a stack's rows: copied, so that a saved entry holds only its own
+                entry = {name: t.clone() if isinstance(t, Tensor) else t for name, t in packed["state"][i].items()}
+                packed["state"][i] = {**entry, **(layer.increment_journal() or {})}
         return packed
 
     def bookkeeping_bytes(self) -> int:
-        """Bytes the sparse step holds outside ``self.state``: each dynamic layer's dense int32 position map
-        (4 bytes per weight entry) and the spare capacity of its append-only buffers (`_Support`)."""
+        """Bytes the sparse step holds outside ``self.state``: each dynamic layer's row of a stack's dense int32
+        position map (4 bytes per weight entry) and the spare capacity of its append-only buffers (`_Stack`)."""
         total = 0
-        for support in self._supports.values():
-            total += support.pos_map.numel() * support.pos_map.element_size()
-            total += sum((buf.numel() - support.n) * buf.element_size() for buf in support.buffers.values())
+        for stack in self._stacks.values():
+            total += stack.pos_map.numel() * stack.pos_map.element_size()
+            per_entry = stack.indices.element_size() + len(_SLOTS) * stack.slots.element_size()
+            total += sum(stack.indices.shape[1] - n for n in stack.n) * per_entry
         return total
 
     def load_state_dict(self, state_dict):
@@ -219,7 +371,7 @@ class SparseGradAdamW(torch.optim.AdamW):
                 journals[i] = {key: entry[key] for key in _JOURNAL_KEYS if key in entry}
                 state_dict["state"][i] = {k: v for k, v in entry.items() if k not in _JOURNAL_KEYS}
         super().load_state_dict(state_dict)
-        self._supports.clear()
+        self._stacks.clear()
         params = [p for g in self.param_groups for p in g["params"]]
         for i, journal in journals.items():
             layer = self._layers.get(params[int(i)])
@@ -228,88 +380,39 @@ class SparseGradAdamW(torch.optim.AdamW):
 
     # ------------------------------------------------------------------------------------------------- step
     @torch.no_grad()
-    def _select(self, param: nn.Parameter, layer: SparseGradLinear) -> tuple:
-        """The step's top-k of the rotated gradient and where each entry sits (or will be appended) in the
-        support, with the flags the host must read: (finite, tie, new entries). No host sync."""
-        support = self._support_of(param, layer)
-        rotated = layer.rotate(param.grad).reshape(-1)
-        idx, tie, top = topk_candidates(rotated, layer.k)
-        if not layer.identity_basis:  # the sparse-first weight update takes the entries in index order
-            idx = idx.sort().values
-        idx = idx.to(layer.index_dtype)
-        pos, new_count = self._positions(support, idx)
-        return [idx, rotated[idx], pos], (torch.isfinite(top), tie, new_count)
-
-    @staticmethod
-    def _positions(support: _Support, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """Positions of ``idx`` in the support, new entries numbered from ``support.n`` on; their count."""
-        pos = support.pos_map[idx]
-        new = pos < 0
-        rank = new.cumsum(0, dtype=torch.int32)
-        return torch.where(new, rank + (support.n - 1), pos), rank[-1]
-
-    @torch.no_grad()
-    def _place(self, param: nn.Parameter, layer: SparseGradLinear, pick: list, tie: bool, new_count: int) -> None:
-        """Write the step's new entries into the support (``pick`` = [idx, grad, pos], updated on a tie)."""
-        support = self._supports[param]
-        if tie:  # a tie straddles the cut (rare): the exact, lower-index-first set, with host syncs
-            rotated = layer.rotate(param.grad).reshape(-1)
-            idx = topk_indices(rotated, layer.k).to(layer.index_dtype)
-            pos, count = self._positions(support, idx)
-            pick[:] = [idx, rotated[idx], pos]
-            new_count = int(count)
-        idx, _, pos = pick
-        state = self.state[param]
-        state["step"] += 1
-        support.reserve(support.n + new_count, layer.k)
-        support.buffers["indices"][pos] = idx
-        support.pos_map[idx] = pos
-        support.n += new_count
-        support.publish(layer, state, appended=new_count > 0)
-
-    @torch.no_grad()
-    def _sparse_steps(self, work: list, picks: list, group: dict) -> None:
-        """Lazy Adam at the step's entries of every layer in ``group`` together, then each weight's update."""
-        bufs = [self._supports[p].buffers for p, _ in work]
-        names = ("values", "exp_avg", "exp_avg_sq", "entry_steps")
-        gathered = {name: [b[name][pick[2]] for b, pick in zip(bufs, picks)] for name in names}
-        changes = _foreach_lazy_adam(*(gathered[name] for name in names), [pick[1] for pick in picks], group)
-        for j, ((param, layer), b, pick, change) in enumerate(zip(work, bufs, picks, changes)):
-            for name in names:
-                b[name][pick[2]] = gathered[name][j]
-            support = self._supports[param]
-            support.key = layer._delta_key()  # before any sort below, so that its permutation is recognised
-            support.steps += 1
-            if layer.weight.dtype == torch.float32 and support.steps % EXACT_REBUILD_EVERY:
-                layer.apply_increment(pick[0], change)
-            else:  # bf16/fp16 weights would round small increments away: rebuild exactly
-                layer.sync_weight()
-
-    @torch.no_grad()
-    def _step_sparse(self, work: list) -> None:
-        """The top-k lazy-Adam step of the dynamic weights in ``work`` ((param, layer, group), gradients complete)."""
-        selected = [self._select(p, layer) for p, layer, _ in work]
-        flags = []
-        if selected:  # the step's one read back to the host, for all layers
-            finite, tie, new = (torch.stack(column) for column in zip(*(flag for _, flag in selected)))
-            flags = list(zip(*_host_read(torch.stack((finite.long(), tie.long(), new.long())))))
-        for (_, layer, _), (finite, _, _) in zip(work, flags):
-            if not finite:
-                raise ValueError(f"non-finite gradient in SparseGrad layer of kind {layer.kind!r}")
-        picks = [pick for pick, _ in selected]
-        for (p, layer, _), pick, (_, tie, new_count) in zip(work, picks, flags):
-            self._place(p, layer, pick, bool(tie), new_count)
-        for group in self.param_groups:
-            members = [i for i, (_, _, g) in enumerate(work) if g is group]
-            if members:
-                self._sparse_steps([work[i][:2] for i in members], [picks[i] for i in members], group)
+    def _sparse_step(self, work: list) -> None:
+        """The rotated top-k lazy-Adam step of the dynamic layers in ``work`` ((param, layer, group) with a
+        gradient), stacked, with one read back to the host for all of them (finiteness, ties at the top-k cut,
+        new support entries); nothing changes when a gradient is not finite."""
+        stacks = self._stacks_for(work)
+        selected = [stack.select() for stack, _, _ in stacks]
+        finite, ties, counts = _host_read(torch.cat([flags for _, flags in selected], dim=1))
+        at = 0
+        for stack, _, _ in stacks:
+            for layer, ok in zip(stack.layers, finite[at:at + len(stack.layers)]):
+                if not ok:
+                    raise ValueError(f"non-finite gradient in SparseGrad layer of kind {layer.kind!r}")
+            at += len(stack.layers)
+        at = 0
+        for (stack, _, _), (pick, _) in zip(stacks, selected):
+            end = at + len(stack.layers)
+            stack.place(pick, [bool(t) for t in ties[at:end]], counts[at:end])
+            at = end
+        blocks = [stack.gather(pick) for (stack, _, _), (pick, _) in zip(stacks, selected)]
+        for group in {id(g): g for _, g, _ in stacks}.values():
+            members = [j for j, (_, g, _) in enumerate(stacks) if g is group]
+            slots = [[blocks[j][s] for j in members] for s in range(len(_SLOTS))]
+            changes = _foreach_lazy_adam(*slots, [selected[j][0]["grad"] for j in members], group)
+            for j, change in zip(members, changes):
+                stack, _, states = stacks[j]
+                stack.finish(selected[j][0], blocks[j], change, states)
 
     def step_weight(self, param: nn.Parameter) -> None:
         """The sparse step of one dynamic SparseGrad weight alone, its gradient complete: what `step` does to it,
         for the layer-wise mode (`sparsegrad.layerwise`), which calls it from the weight's post-accumulate-grad hook
         and then frees the gradient."""
         group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
-        self._step_sparse([(param, self._layers[param], group)])
+        self._sparse_step([(param, self._layers[param], group)])
 
     def step(self, closure=None):
         loss = None
@@ -318,7 +421,8 @@ class SparseGradAdamW(torch.optim.AdamW):
                 loss = closure()
         work = [(p, self._layers[p], group) for group in self.param_groups for p in group["params"]
                 if p in self._layers and p.grad is not None]
-        self._step_sparse(work)
+        if work:
+            self._sparse_step(work)
         stashed = []
         for p, _, _ in work:
             stashed.append((p, p.grad))
