@@ -6,8 +6,9 @@ first, then stratified, seeded and disjoint), so that
 
 1. each row (method and its flags) gets a small learning-rate grid, half-decades around the product's default for
    that method (read from the product's table, `default_lr` / `DEFAULT_LM_LR`), trained on the train file and
-   evaluated on the VALIDATION file, at the first seed; the rate with the lowest validation loss wins (losses within 1e-4
-   tie, and the higher validation metric wins);
+   evaluated on the VALIDATION file, at the first seed; the rate with the highest validation metric (the task's
+   primary one, below) wins, rates within 0.005 of it tie and the lower validation loss breaks the tie (the
+   product's `--lr auto` rule, `lr_search.pick`; by the loss first, BBC picked a rate unstable across seeds);
 2. each row at its chosen rate x every seed is evaluated ONCE on the TEST file;
 3. per seed, paired differences of SparseGrad to LoRA and to MeProp (and of the best row to the runner-up) get a
    95 % t-interval; results.md, a plot and results.json per task, summary.md over all tasks.
@@ -209,18 +210,22 @@ def lr_grid(default: float, points: int) -> list[float]:
     return [float(f"{default * 10 ** o:.2g}") for o in offsets]
 
 
-LOSS_TIE = 1e-4  # validation losses this close are a tie (the 4th decimal of a few hundred examples' mean)
-
-
 def choose_lr(results: dict[float, dict], metric: str) -> float:
-    """Lowest validation loss; rates within LOSS_TIE of it tie, and the higher metric (then the lower rate) wins.
-    Failed runs are not chosen."""
-    ok = {lr: m for lr, m in results.items() if m is not None}
-    if not ok:
+    """The product's own rule (`lr_search.pick`, as `--lr auto` uses it): the highest validation ``metric`` (the
+    task's primary one); rates within `lr_search.METRIC_TIE` of it tie, and the lower validation loss, then the
+    lower rate, wins. Failed runs are not chosen."""
+    from sparsegrad.finetune.lr_search import pick
+
+    best = pick([{"lr": lr, **m} for lr, m in results.items() if m is not None], metric, "eval_loss")
+    if best is None:
         raise RuntimeError("every grid run failed")
-    best = min(m["eval_loss"] for m in ok.values())
-    tied = [lr for lr, m in ok.items() if m["eval_loss"] - best <= LOSS_TIE]
-    return min(tied, key=lambda lr: (-ok[lr].get(metric, 0.0), lr))
+    return best["lr"]
+
+
+def choice_rule() -> str:
+    from sparsegrad.finetune.lr_search import METRIC_TIE
+    return (f"highest validation metric (the task's primary one); within {METRIC_TIE:g} a tie -> lower validation "
+            "loss, then lower rate")
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -270,7 +275,8 @@ def cli_args(run: Run, opts: argparse.Namespace, files: dict[str, Path]) -> list
     extra = [x.format(refresh=max(1, opts.steps // 2)) for x in extra]
     args = ["--method", method, "--model", run.task.model, "--train-scope", run.scope, "--lr", f"{run.lr:g}",
             "--seed", str(run.seed), "--max-steps", str(opts.steps), "--batch-size", str(opts.batch_size),
-            "--max-length", str(opts.max_length), "--output-dir", str(run.dir), "--no-progress", *extra]
+            "--max-length", str(opts.max_length), "--output-dir", str(run.dir), "--no-progress",
+            "--val-fraction", "0", *extra]  # no validation carved from train.csv: the benchmark has its own file
     if run.task.kind == "instruct" and run.phase == "test":
         return args + ["--task", "bbc-instruct", "--max-train", str(opts.max_train), "--max-eval", str(opts.test)]
     eval_file = files["validation"] if run.phase == "grid" else files["test"]
@@ -463,8 +469,8 @@ def write_results(task: Task, scope: str, base: Path, opts, files, summary, fail
     lines = [f"# Quality: {task.name}, scope {scope}", "", task.description + ".", "",
              f"    {command}", "",
              f"Budget: {opts.steps} steps of {opts.batch_size}, max length {opts.max_length}, seeds {opts.seeds}. "
-             f"Learning rate per row chosen on the validation split (grid at seed {opts.seeds[0]}, lowest "
-             "validation loss, within 1e-4 a tie -> higher metric); the test split is read once per row and seed, at the chosen "
+             f"Learning rate per row chosen on the validation split (grid at seed {opts.seeds[0]}, "
+             f"{choice_rule()}); the test split is read once per row and seed, at the chosen "
              "rate. Step times are not reported: the runs shared a loaded machine.", ""]
     lines += split_lines(task, files)
     if task.kind == "instruct":

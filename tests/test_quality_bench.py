@@ -101,12 +101,17 @@ def test_lr_grid_is_half_decades_around_the_product_default():
     assert quality.lr_grid(d, 1) == [d]
 
 
-def test_choose_lr_by_validation_loss_then_metric():
-    m = {1e-3: {"eval_loss": 0.71234, "eval_accuracy": 0.7}, 3e-3: {"eval_loss": 0.71236, "eval_accuracy": 0.8},
-         1e-2: {"eval_loss": 0.9, "eval_accuracy": 0.9}, 3e-2: None}
-    assert quality.choose_lr(m, "eval_accuracy") == 3e-3  # losses 2e-5 apart tie: the higher accuracy
-    m[3e-3]["eval_loss"] = 0.7125  # 1.6e-4 worse: no longer a tie
+def test_choose_lr_by_validation_metric_then_loss():
+    # bbc's grid of the cut run (docs/quality/bbc-mlp, sparsegrad): the loss preferred 0.0095, the accuracy 0.003
+    m = {3e-3: {"eval_loss": 0.5197, "eval_accuracy": 0.94}, 9.5e-3: {"eval_loss": 0.4793, "eval_accuracy": 0.855},
+         3e-2: None}
+    assert quality.choose_lr(m, "eval_accuracy") == 3e-3
+    m[1e-3] = {"eval_loss": 0.45, "eval_accuracy": 0.935}  # 0.005 under the best: a tie, and its loss is lower
     assert quality.choose_lr(m, "eval_accuracy") == 1e-3
+    m[1e-3]["eval_accuracy"] = 0.9349  # just outside the tie
+    assert quality.choose_lr(m, "eval_accuracy") == 3e-3
+    with pytest.raises(RuntimeError, match="every grid run failed"):
+        quality.choose_lr({1e-3: None}, "eval_accuracy")
 
 
 def test_tiny_end_to_end_run(tmp_path):
