@@ -5,13 +5,14 @@ each run's metrics.json. For each task it writes its own train / validation / te
 first, then stratified, seeded and disjoint), so that
 
 1. each row (method and its flags) gets a small learning-rate grid, half-decades around the product's default for
-   that method (read from the product's table, `default_lr` / `DEFAULT_LM_LR`), trained on the train file and
+   that method (read from the product's table, `default_lr`), trained on the train file and
    evaluated on the VALIDATION file, at the first seed; the rate with the highest validation metric (the task's
    primary one, below) wins, rates within 0.005 of it tie and the lower validation loss breaks the tie (the
    product's `--lr auto` rule, `lr_search.pick`; by the loss first, BBC picked a rate unstable across seeds);
 2. each row at its chosen rate x every seed is evaluated ONCE on the TEST file;
-3. per seed, paired differences of SparseGrad to LoRA and to MeProp (and of the best row to the runner-up) get a
-   95 % t-interval; results.md, a plot and results.json per task, summary.md over all tasks.
+3. per seed, paired differences of SparseGrad to LoRA and to MeProp (of each lever row to SparseGrad, and of the
+   best row to the runner-up) get a 95 % t-interval; results.md, a plot and results.json per task, summary.md over
+   all tasks (and the tasks an earlier invocation wrote into the same --out).
 
     python benchmarks/quality.py --tasks bbc tweets3 --seeds 0 1 2 --steps 32 --out docs/quality
     python benchmarks/quality.py --dry-run          # the plan, the number of runs and an estimated time
@@ -196,11 +197,8 @@ def instruct_files(data_dir: Path, sizes: dict[str, int], seeds: list[int]) -> d
 # ------------------------------------------------------------------------------------------------ learning rates
 def product_default_lr(method: str, scope: str, kind: str) -> float:
     """The product's own default rate (its table, so the grid follows it when the defaults change)."""
-    if kind == "instruct":
-        from sparsegrad.finetune.lm import DEFAULT_LM_LR
-        return DEFAULT_LM_LR[(method, scope)]
     from sparsegrad.finetune.methods import default_lr
-    return default_lr(method, scope)
+    return default_lr(method, scope, "causal-lm" if kind == "instruct" else "classifier")
 
 
 def lr_grid(default: float, points: int) -> list[float]:
@@ -351,12 +349,18 @@ def run_dir(base: Path, phase: str, row: str, lr: float, seed: int) -> Path:
     return base / "runs" / f"{phase}-{row}-lr{lr:g}-s{seed}"
 
 
+def grid_points(row: str, opts) -> int:
+    """A lever row's grid may be smaller than a main row's (--lever-grid-steps), to fit the CPU's hours."""
+    lever = getattr(opts, "lever_grid_steps", None)
+    return lever if row in LEVER_ROWS and lever else opts.lr_grid_steps
+
+
 def grid_runs(task: Task, scope: str, rows: list[str], opts, base: Path) -> dict[str, list[Run]]:
     out = {}
     for row in rows:
         default = product_default_lr(ROWS[row][0], scope, task.kind)
         out[row] = [Run(task, scope, row, "grid", lr, opts.seeds[0], run_dir(base, "grid", row, lr, opts.seeds[0]))
-                    for lr in lr_grid(default, opts.lr_grid_steps)]
+                    for lr in lr_grid(default, grid_points(row, opts))]
     return out
 
 
@@ -417,6 +421,9 @@ def summarise(task: Task, grid: dict, chosen: dict, tests: dict) -> dict:
         for other in PAIRED_TO:
             if other in primary:
                 paired[f"sparsegrad - {other}"] = paired_interval(primary["sparsegrad"], primary[other])
+        for lever in LEVER_ROWS:  # what each lever changes against plain SparseGrad
+            if lever in primary:
+                paired[f"{lever} - sparsegrad"] = paired_interval(primary[lever], primary["sparsegrad"])
     ranked = sorted((r for r in rows if primary[r]), key=lambda r: -rows[r]["mean"][task.metric])
     winner = None
     if ranked:
@@ -543,11 +550,23 @@ def plot(task: Task, scope: str, summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def earlier_results(out: Path, done: dict[str, tuple[Task, dict]]) -> dict[str, tuple[Task, dict]]:
+    """The tasks an earlier invocation wrote into ``out`` (their results.json) that this one did not run."""
+    found = {}
+    for path in sorted(out.glob("*/results.json")):
+        key = path.parent.name
+        name = key.rsplit("-", 1)[0]
+        if key not in done and name in TASKS:
+            found[key] = (TASKS[name], json.loads(path.read_text()))
+    return found
+
+
 def write_summary(out: Path, done: dict[str, tuple[Task, dict]]) -> None:
     lines = ["# Quality benchmark: summary", "",
-             "Each row at the learning rate chosen on its own validation split; test metric mean over the seeds; "
-             "paired SparseGrad differences with 95 % t-intervals. Per task details in its results.md.", ""]
-    for key, (task, s) in done.items():
+             f"Each row at the learning rate chosen on its own validation split ({choice_rule()}); test metric mean "
+             "± sd over the seeds; paired SparseGrad differences with 95 % t-intervals. Per task: the grid, the "
+             "pick, every metric, the command and the plot in its results.md.", ""]
+    for key, (task, s) in {**done, **earlier_results(out, done)}.items():
         name = task.metric.removeprefix("eval_")
         lines += [f"## {key} (winner metric: test {name})", "", "| row | lr | test " + name + " | seeds |",
                   "|---|---|---|---|"]
@@ -556,7 +575,7 @@ def write_summary(out: Path, done: dict[str, tuple[Task, dict]]) -> None:
                          f"{len(r['per_seed'][task.metric])} |")
         lines += [""] + [f"- {lab}: {fmt_interval(iv)}{', beyond the interval' if beyond(iv) else ''}"
                          for lab, iv in s["paired"].items()]
-        lines += [f"- winner: {verdict(task, s)}", ""]
+        lines += [f"- winner: {verdict(task, s)}", "", f"![{key}]({key}/quality.png)", ""]
     (out / "summary.md").write_text("\n".join(lines))
 
 
@@ -602,6 +621,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--lr-grid-steps", type=int, default=3, choices=[1, 2, 3, 4, 5],
                    help="points of the half-decade learning-rate grid around each default (default 3)")
+    p.add_argument("--lever-grid-steps", type=int, default=None, choices=[1, 2, 3, 4, 5],
+                   help="grid points for the lever rows (default: --lr-grid-steps)")
     p.add_argument("--max-train", type=int, default=512, help="training rows (default 512)")
     p.add_argument("--validation", type=int, default=200, help="validation rows (default 200)")
     p.add_argument("--test", type=int, default=400, help="test rows (default 400)")
