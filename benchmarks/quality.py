@@ -204,7 +204,7 @@ def product_default_lr(method: str, scope: str, kind: str) -> float:
 def lr_grid(default: float, points: int) -> list[float]:
     """`points` rates on half-decades around the default: 1 -> [d], 2 -> [d, d*10^0.5], 3 -> [d/10^0.5, d,
     d*10^0.5], 5 -> one more each way. Two significant digits."""
-    offsets = sorted([0.0, 0.5, -0.5, 1.0, -1.0][:points])
+    offsets = sorted([0.0, 0.5, -0.5, 1.0, -1.0][:points])  # 0 points: no grid
     return [float(f"{default * 10 ** o:.2g}") for o in offsets]
 
 
@@ -352,7 +352,7 @@ def run_dir(base: Path, phase: str, row: str, lr: float, seed: int) -> Path:
 def grid_points(row: str, opts) -> int:
     """A lever row's grid may be smaller than a main row's (--lever-grid-steps), to fit the CPU's hours."""
     lever = getattr(opts, "lever_grid_steps", None)
-    return lever if row in LEVER_ROWS and lever else opts.lr_grid_steps
+    return lever if row in LEVER_ROWS and lever is not None else opts.lr_grid_steps
 
 
 def grid_runs(task: Task, scope: str, rows: list[str], opts, base: Path) -> dict[str, list[Run]]:
@@ -386,8 +386,9 @@ def print_plan(opts) -> None:
             total_runs, total_s = total_runs + n, total_s + s
             print(f"{name}/{scope} ({task.model}): {n} runs, about {s / 60:.0f} min")
             for row, runs in grids.items():
-                print(f"  {row:20s} lr grid {', '.join(f'{r.lr:g}' for r in runs)} (validation, seed "
-                      f"{opts.seeds[0]}) -> chosen lr x seeds {opts.seeds} (test)")
+                grid = (f"lr grid {', '.join(f'{r.lr:g}' for r in runs)} (validation, seed {opts.seeds[0]}) -> chosen"
+                        if runs else f"no grid: the default {product_default_lr(ROWS[row][0], scope, task.kind):g}")
+                print(f"  {row:20s} {grid} lr x seeds {opts.seeds} (test)")
     print(f"total: {total_runs} runs, about {total_s / 60:.0f} min with --jobs {opts.jobs} "
           f"({opts.steps} steps of {opts.batch_size}; estimate from --sec-per-step, default 5 s MiniLM / 40 s "
           "SmolLM2 on 2 free CPU cores)")
@@ -437,6 +438,9 @@ def grid_table(task: Task, grid: dict[str, list[Run]], chosen: dict[str, float])
     out = ["| row | lr | validation loss | validation " + task.metric.removeprefix("eval_") + " | chosen |",
            "|---|---|---|---|---|"]
     for row, runs in grid.items():
+        if not runs:
+            out.append(f"| {row} | {chosen.get(row, math.nan):g} | no grid | | the product's default, **not chosen on "
+                       "validation** |")
         for r in runs:
             m = read_metrics(r)
             loss, met = (m["eval_loss"], m.get(task.metric)) if m else (None, None)
@@ -593,6 +597,9 @@ def benchmark(task: Task, scope: str, opts, command: str) -> dict:
     failures = execute([r for runs in grid.values() for r in runs], opts)
     chosen = {}
     for row, runs in grid.items():
+        if not runs:  # --lr-grid-steps 0: the product's default rate, not chosen on validation
+            chosen[row] = product_default_lr(ROWS[row][0], scope, task.kind)
+            continue
         try:
             chosen[row] = choose_lr({r.lr: read_metrics(r) for r in runs}, task.metric)
         except RuntimeError:
@@ -619,9 +626,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--lr-grid-steps", type=int, default=3, choices=[1, 2, 3, 4, 5],
-                   help="points of the half-decade learning-rate grid around each default (default 3)")
-    p.add_argument("--lever-grid-steps", type=int, default=None, choices=[1, 2, 3, 4, 5],
+    p.add_argument("--lr-grid-steps", type=int, default=3, choices=[0, 1, 2, 3, 4, 5],
+                   help="points of the half-decade learning-rate grid around each default (default 3; 0: no grid, "
+                   "every row at the product's default rate, not chosen on validation)")
+    p.add_argument("--lever-grid-steps", type=int, default=None, choices=[0, 1, 2, 3, 4, 5],
                    help="grid points for the lever rows (default: --lr-grid-steps)")
     p.add_argument("--max-train", type=int, default=512, help="training rows (default 512)")
     p.add_argument("--validation", type=int, default=200, help="validation rows (default 200)")

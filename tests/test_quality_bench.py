@@ -101,6 +101,34 @@ def test_lr_grid_is_half_decades_around_the_product_default():
     assert quality.lr_grid(d, 1) == [d]
 
 
+def test_lever_rows_may_have_a_smaller_grid_and_zero_means_the_default():
+    opts = quality.parse_args(["--lr-grid-steps", "3", "--lever-grid-steps", "0"])
+    base = Path("/nonexistent")
+    grids = quality.grid_runs(quality.TASKS["bbc"], "mlp", ["sparsegrad", "sparsegrad-layer"], opts, base)
+    assert [r.lr for r in grids["sparsegrad"]] == quality.lr_grid(quality.product_default_lr("sparsegrad", "mlp",
+                                                                                             "classify"), 3)
+    assert grids["sparsegrad-layer"] == [] and quality.lr_grid(1e-3, 0) == []
+
+
+def test_summary_keeps_the_tasks_of_an_earlier_invocation(tmp_path):
+    iv = quality.paired_interval({0: 0.9, 1: 0.8, 2: 0.85}, {0: 0.8, 1: 0.78, 2: 0.8})
+    row = {"lr": 3e-3, "mean": {"eval_accuracy": 0.85}, "sd": {"eval_accuracy": 0.05},
+           "per_seed": {"eval_accuracy": {"0": 0.9, "1": 0.8, "2": 0.85}}}
+    earlier = {"rows": {"sparsegrad": row}, "paired": {"sparsegrad - lora": iv},
+               "winner": {"row": "sparsegrad", "runner_up": "lora", "interval": iv, "beyond": False}}
+    (tmp_path / "bbc-mlp").mkdir()
+    (tmp_path / "bbc-mlp" / "results.json").write_text(json.dumps(earlier))
+    (tmp_path / "notatask-mlp").mkdir()  # a folder that is no task's is left out
+    (tmp_path / "notatask-mlp" / "results.json").write_text("{}")
+    tweets = {**earlier, "rows": {"lora": {**row, "mean": {"eval_macro_f1": 0.5}, "sd": {"eval_macro_f1": 0.1},
+                                           "per_seed": {"eval_macro_f1": {"0": 0.5}}}}}
+    quality.write_summary(tmp_path, {"tweets3-mlp": (quality.TASKS["tweets3"], tweets)})
+    text = (tmp_path / "summary.md").read_text()
+    assert "## tweets3-mlp" in text and "## bbc-mlp" in text and "notatask" not in text
+    assert "| sparsegrad | 0.003 | 0.8500 ± 0.0500 | 3 |" in text
+    assert f"sparsegrad - lora: +{0.17 / 3:.3f}" in text
+
+
 def test_choose_lr_by_validation_metric_then_loss():
     # bbc's grid of the cut run (docs/quality/bbc-mlp, sparsegrad): the loss preferred 0.0095, the accuracy 0.003
     m = {3e-3: {"eval_loss": 0.5197, "eval_accuracy": 0.94}, 9.5e-3: {"eval_loss": 0.4793, "eval_accuracy": 0.855},
