@@ -350,9 +350,17 @@ def run_dir(base: Path, phase: str, row: str, lr: float, seed: int) -> Path:
 
 
 def grid_points(row: str, opts) -> int:
-    """A lever row's grid may be smaller than a main row's (--lever-grid-steps), to fit the CPU's hours."""
-    lever = getattr(opts, "lever_grid_steps", None)
-    return lever if row in LEVER_ROWS and lever is not None else opts.lr_grid_steps
+    """A row's grid size: --row-grid-steps ROW=N, else --lr-grid-steps (rows cut to fit the CPU's hours)."""
+    return dict(getattr(opts, "row_grid_steps", None) or []).get(row, opts.lr_grid_steps)
+
+
+def row_points(spec: str) -> tuple[str, int]:
+    """``ROW=N`` of --row-grid-steps."""
+    row, _, n = spec.partition("=")
+    if row not in ROWS or not n.isdigit() or int(n) > 5:
+        raise argparse.ArgumentTypeError(f"expected ROW=N with ROW one of {', '.join(ROWS)} and N in 0..5, got "
+                                         f"{spec!r}")
+    return row, int(n)
 
 
 def grid_runs(task: Task, scope: str, rows: list[str], opts, base: Path) -> dict[str, list[Run]]:
@@ -629,8 +637,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr-grid-steps", type=int, default=3, choices=[0, 1, 2, 3, 4, 5],
                    help="points of the half-decade learning-rate grid around each default (default 3; 0: no grid, "
                    "every row at the product's default rate, not chosen on validation)")
-    p.add_argument("--lever-grid-steps", type=int, default=None, choices=[0, 1, 2, 3, 4, 5],
-                   help="grid points for the lever rows (default: --lr-grid-steps)")
+    p.add_argument("--row-grid-steps", nargs="+", type=row_points, default=[], metavar="ROW=N",
+                   help="another grid size for these rows (e.g. sparsegrad-layer=0: the default rate, no grid)")
     p.add_argument("--max-train", type=int, default=512, help="training rows (default 512)")
     p.add_argument("--validation", type=int, default=200, help="validation rows (default 200)")
     p.add_argument("--test", type=int, default=400, help="test rows (default 400)")

@@ -101,13 +101,16 @@ def test_lr_grid_is_half_decades_around_the_product_default():
     assert quality.lr_grid(d, 1) == [d]
 
 
-def test_lever_rows_may_have_a_smaller_grid_and_zero_means_the_default():
-    opts = quality.parse_args(["--lr-grid-steps", "3", "--lever-grid-steps", "0"])
+def test_a_row_may_have_a_smaller_grid_and_zero_means_the_default(capsys):
+    opts = quality.parse_args(["--lr-grid-steps", "3", "--row-grid-steps", "sparsegrad-layer=0"])
     base = Path("/nonexistent")
     grids = quality.grid_runs(quality.TASKS["bbc"], "mlp", ["sparsegrad", "sparsegrad-layer"], opts, base)
     assert [r.lr for r in grids["sparsegrad"]] == quality.lr_grid(quality.product_default_lr("sparsegrad", "mlp",
                                                                                              "classify"), 3)
     assert grids["sparsegrad-layer"] == [] and quality.lr_grid(1e-3, 0) == []
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--row-grid-steps", "nosuchrow=1"])
+    assert "nosuchrow" in capsys.readouterr().err
 
 
 def test_summary_keeps_the_tasks_of_an_earlier_invocation(tmp_path):
