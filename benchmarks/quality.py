@@ -557,6 +557,7 @@ def plot(task: Task, scope: str, summary: dict, path: Path) -> None:
     bx.set_yticks(range(len(labels)), labels)
     bx.set_ylim(-0.5, max(len(labels), 1) - 0.5)
     bx.set_xlabel("paired difference, mean and 95 % interval")
+    bx.tick_params(axis="x", labelsize=8, labelrotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
