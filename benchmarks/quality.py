@@ -478,7 +478,8 @@ def verdict(task: Task, summary: dict) -> str:
     iv = w["interval"]
     if iv["mean"] == 0:
         return f"{w['row']} and {w['runner_up']} tie on mean test {name}"
-    where = "beyond the 95 % interval" if w["beyond"] else "within the 95 % interval (not a significant win)"
+    where = ("beyond the 95 % interval" if w["beyond"] else "within the 95 % interval (not a significant win)"
+             if iv["n"] >= 2 else "with no interval (not a tested win)")
     return (f"best mean test {name}: **{w['row']}**; over the runner-up {w['runner_up']} by "
             f"{fmt_interval(iv)}, {where}")
 
