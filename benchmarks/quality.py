@@ -5,12 +5,14 @@ each run's metrics.json. For each task it writes its own train / validation / te
 first, then stratified, seeded and disjoint), so that
 
 1. each row (method and its flags) gets a small learning-rate grid, half-decades around the product's default for
-   that method (read from the product's table, `default_lr` / `DEFAULT_LM_LR`), trained on the train file and
-   evaluated on the VALIDATION file, at the first seed; the rate with the lowest validation loss wins (losses within 1e-4
-   tie, and the higher validation metric wins);
+   that method (read from the product's table, `default_lr`), trained on the train file and
+   evaluated on the VALIDATION file, at the first seed; the rate with the highest validation metric (the task's
+   primary one, below) wins, rates within 0.005 of it tie and the lower validation loss breaks the tie (the
+   product's `--lr auto` rule, `lr_search.pick`; by the loss first, BBC picked a rate unstable across seeds);
 2. each row at its chosen rate x every seed is evaluated ONCE on the TEST file;
-3. per seed, paired differences of SparseGrad to LoRA and to MeProp (and of the best row to the runner-up) get a
-   95 % t-interval; results.md, a plot and results.json per task, summary.md over all tasks.
+3. per seed, paired differences of SparseGrad to LoRA and to MeProp (of each lever row to SparseGrad, and of the
+   best row to the runner-up) get a 95 % t-interval; results.md, a plot and results.json per task, summary.md over
+   all tasks (and the tasks an earlier invocation wrote into the same --out).
 
     python benchmarks/quality.py --tasks bbc tweets3 --seeds 0 1 2 --steps 32 --out docs/quality
     python benchmarks/quality.py --dry-run          # the plan, the number of runs and an estimated time
@@ -195,32 +197,33 @@ def instruct_files(data_dir: Path, sizes: dict[str, int], seeds: list[int]) -> d
 # ------------------------------------------------------------------------------------------------ learning rates
 def product_default_lr(method: str, scope: str, kind: str) -> float:
     """The product's own default rate (its table, so the grid follows it when the defaults change)."""
-    if kind == "instruct":
-        from sparsegrad.finetune.lm import DEFAULT_LM_LR
-        return DEFAULT_LM_LR[(method, scope)]
     from sparsegrad.finetune.methods import default_lr
-    return default_lr(method, scope)
+    return default_lr(method, scope, "causal-lm" if kind == "instruct" else "classifier")
 
 
 def lr_grid(default: float, points: int) -> list[float]:
     """`points` rates on half-decades around the default: 1 -> [d], 2 -> [d, d*10^0.5], 3 -> [d/10^0.5, d,
     d*10^0.5], 5 -> one more each way. Two significant digits."""
-    offsets = sorted([0.0, 0.5, -0.5, 1.0, -1.0][:points])
+    offsets = sorted([0.0, 0.5, -0.5, 1.0, -1.0][:points])  # 0 points: no grid
     return [float(f"{default * 10 ** o:.2g}") for o in offsets]
 
 
-LOSS_TIE = 1e-4  # validation losses this close are a tie (the 4th decimal of a few hundred examples' mean)
-
-
 def choose_lr(results: dict[float, dict], metric: str) -> float:
-    """Lowest validation loss; rates within LOSS_TIE of it tie, and the higher metric (then the lower rate) wins.
-    Failed runs are not chosen."""
-    ok = {lr: m for lr, m in results.items() if m is not None}
-    if not ok:
+    """The product's own rule (`lr_search.pick`, as `--lr auto` uses it): the highest validation ``metric`` (the
+    task's primary one); rates within `lr_search.METRIC_TIE` of it tie, and the lower validation loss, then the
+    lower rate, wins. Failed runs are not chosen."""
+    from sparsegrad.finetune.lr_search import pick
+
+    best = pick([{"lr": lr, **m} for lr, m in results.items() if m is not None], metric, "eval_loss")
+    if best is None:
         raise RuntimeError("every grid run failed")
-    best = min(m["eval_loss"] for m in ok.values())
-    tied = [lr for lr, m in ok.items() if m["eval_loss"] - best <= LOSS_TIE]
-    return min(tied, key=lambda lr: (-ok[lr].get(metric, 0.0), lr))
+    return best["lr"]
+
+
+def choice_rule() -> str:
+    from sparsegrad.finetune.lr_search import METRIC_TIE
+    return (f"highest validation metric (the task's primary one); within {METRIC_TIE:g} a tie -> lower validation "
+            "loss, then lower rate")
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -270,7 +273,8 @@ def cli_args(run: Run, opts: argparse.Namespace, files: dict[str, Path]) -> list
     extra = [x.format(refresh=max(1, opts.steps // 2)) for x in extra]
     args = ["--method", method, "--model", run.task.model, "--train-scope", run.scope, "--lr", f"{run.lr:g}",
             "--seed", str(run.seed), "--max-steps", str(opts.steps), "--batch-size", str(opts.batch_size),
-            "--max-length", str(opts.max_length), "--output-dir", str(run.dir), "--no-progress", *extra]
+            "--max-length", str(opts.max_length), "--output-dir", str(run.dir), "--no-progress",
+            "--val-fraction", "0", *extra]  # no validation carved from train.csv: the benchmark has its own file
     if run.task.kind == "instruct" and run.phase == "test":
         return args + ["--task", "bbc-instruct", "--max-train", str(opts.max_train), "--max-eval", str(opts.test)]
     eval_file = files["validation"] if run.phase == "grid" else files["test"]
@@ -345,12 +349,26 @@ def run_dir(base: Path, phase: str, row: str, lr: float, seed: int) -> Path:
     return base / "runs" / f"{phase}-{row}-lr{lr:g}-s{seed}"
 
 
+def grid_points(row: str, opts) -> int:
+    """A row's grid size: --row-grid-steps ROW=N, else --lr-grid-steps (rows cut to fit the CPU's hours)."""
+    return dict(getattr(opts, "row_grid_steps", None) or []).get(row, opts.lr_grid_steps)
+
+
+def row_points(spec: str) -> tuple[str, int]:
+    """``ROW=N`` of --row-grid-steps."""
+    row, _, n = spec.partition("=")
+    if row not in ROWS or not n.isdigit() or int(n) > 5:
+        raise argparse.ArgumentTypeError(f"expected ROW=N with ROW one of {', '.join(ROWS)} and N in 0..5, got "
+                                         f"{spec!r}")
+    return row, int(n)
+
+
 def grid_runs(task: Task, scope: str, rows: list[str], opts, base: Path) -> dict[str, list[Run]]:
     out = {}
     for row in rows:
         default = product_default_lr(ROWS[row][0], scope, task.kind)
         out[row] = [Run(task, scope, row, "grid", lr, opts.seeds[0], run_dir(base, "grid", row, lr, opts.seeds[0]))
-                    for lr in lr_grid(default, opts.lr_grid_steps)]
+                    for lr in lr_grid(default, grid_points(row, opts))]
     return out
 
 
@@ -376,8 +394,9 @@ def print_plan(opts) -> None:
             total_runs, total_s = total_runs + n, total_s + s
             print(f"{name}/{scope} ({task.model}): {n} runs, about {s / 60:.0f} min")
             for row, runs in grids.items():
-                print(f"  {row:20s} lr grid {', '.join(f'{r.lr:g}' for r in runs)} (validation, seed "
-                      f"{opts.seeds[0]}) -> chosen lr x seeds {opts.seeds} (test)")
+                grid = (f"lr grid {', '.join(f'{r.lr:g}' for r in runs)} (validation, seed {opts.seeds[0]}) -> chosen"
+                        if runs else f"no grid: the default {product_default_lr(ROWS[row][0], scope, task.kind):g}")
+                print(f"  {row:20s} {grid} lr x seeds {opts.seeds} (test)")
     print(f"total: {total_runs} runs, about {total_s / 60:.0f} min with --jobs {opts.jobs} "
           f"({opts.steps} steps of {opts.batch_size}; estimate from --sec-per-step, default 5 s MiniLM / 40 s "
           "SmolLM2 on 2 free CPU cores)")
@@ -411,6 +430,9 @@ def summarise(task: Task, grid: dict, chosen: dict, tests: dict) -> dict:
         for other in PAIRED_TO:
             if other in primary:
                 paired[f"sparsegrad - {other}"] = paired_interval(primary["sparsegrad"], primary[other])
+        for lever in LEVER_ROWS:  # what each lever changes against plain SparseGrad
+            if lever in primary:
+                paired[f"{lever} - sparsegrad"] = paired_interval(primary[lever], primary["sparsegrad"])
     ranked = sorted((r for r in rows if primary[r]), key=lambda r: -rows[r]["mean"][task.metric])
     winner = None
     if ranked:
@@ -424,6 +446,9 @@ def grid_table(task: Task, grid: dict[str, list[Run]], chosen: dict[str, float])
     out = ["| row | lr | validation loss | validation " + task.metric.removeprefix("eval_") + " | chosen |",
            "|---|---|---|---|---|"]
     for row, runs in grid.items():
+        if not runs:
+            out.append(f"| {row} | {chosen.get(row, math.nan):g} | no grid | | the product's default, **not chosen on "
+                       "validation** |")
         for r in runs:
             m = read_metrics(r)
             loss, met = (m["eval_loss"], m.get(task.metric)) if m else (None, None)
@@ -453,7 +478,8 @@ def verdict(task: Task, summary: dict) -> str:
     iv = w["interval"]
     if iv["mean"] == 0:
         return f"{w['row']} and {w['runner_up']} tie on mean test {name}"
-    where = "beyond the 95 % interval" if w["beyond"] else "within the 95 % interval (not a significant win)"
+    where = ("beyond the 95 % interval" if w["beyond"] else "within the 95 % interval (not a significant win)"
+             if iv["n"] >= 2 else "with no interval (not a tested win)")
     return (f"best mean test {name}: **{w['row']}**; over the runner-up {w['runner_up']} by "
             f"{fmt_interval(iv)}, {where}")
 
@@ -463,8 +489,8 @@ def write_results(task: Task, scope: str, base: Path, opts, files, summary, fail
     lines = [f"# Quality: {task.name}, scope {scope}", "", task.description + ".", "",
              f"    {command}", "",
              f"Budget: {opts.steps} steps of {opts.batch_size}, max length {opts.max_length}, seeds {opts.seeds}. "
-             f"Learning rate per row chosen on the validation split (grid at seed {opts.seeds[0]}, lowest "
-             "validation loss, within 1e-4 a tie -> higher metric); the test split is read once per row and seed, at the chosen "
+             f"Learning rate per row chosen on the validation split (grid at seed {opts.seeds[0]}, "
+             f"{choice_rule()}); the test split is read once per row and seed, at the chosen "
              "rate. Step times are not reported: the runs shared a loaded machine.", ""]
     lines += split_lines(task, files)
     if task.kind == "instruct":
@@ -532,16 +558,29 @@ def plot(task: Task, scope: str, summary: dict, path: Path) -> None:
     bx.set_yticks(range(len(labels)), labels)
     bx.set_ylim(-0.5, max(len(labels), 1) - 0.5)
     bx.set_xlabel("paired difference, mean and 95 % interval")
+    bx.tick_params(axis="x", labelsize=8, labelrotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def earlier_results(out: Path, done: dict[str, tuple[Task, dict]]) -> dict[str, tuple[Task, dict]]:
+    """The tasks an earlier invocation wrote into ``out`` (their results.json) that this one did not run."""
+    found = {}
+    for path in sorted(out.glob("*/results.json")):
+        key = path.parent.name
+        name = key.rsplit("-", 1)[0]
+        if key not in done and name in TASKS:
+            found[key] = (TASKS[name], json.loads(path.read_text()))
+    return found
+
+
 def write_summary(out: Path, done: dict[str, tuple[Task, dict]]) -> None:
     lines = ["# Quality benchmark: summary", "",
-             "Each row at the learning rate chosen on its own validation split; test metric mean over the seeds; "
-             "paired SparseGrad differences with 95 % t-intervals. Per task details in its results.md.", ""]
-    for key, (task, s) in done.items():
+             f"Each row at the learning rate chosen on its own validation split ({choice_rule()}); test metric mean "
+             "± sd over the seeds; paired SparseGrad differences with 95 % t-intervals. Per task: the grid, the "
+             "pick, every metric, the command and the plot in its results.md.", ""]
+    for key, (task, s) in {**done, **earlier_results(out, done)}.items():
         name = task.metric.removeprefix("eval_")
         lines += [f"## {key} (winner metric: test {name})", "", "| row | lr | test " + name + " | seeds |",
                   "|---|---|---|---|"]
@@ -550,7 +589,7 @@ def write_summary(out: Path, done: dict[str, tuple[Task, dict]]) -> None:
                          f"{len(r['per_seed'][task.metric])} |")
         lines += [""] + [f"- {lab}: {fmt_interval(iv)}{', beyond the interval' if beyond(iv) else ''}"
                          for lab, iv in s["paired"].items()]
-        lines += [f"- winner: {verdict(task, s)}", ""]
+        lines += [f"- winner: {verdict(task, s)}", "", f"![{key}]({key}/quality.png)", ""]
     (out / "summary.md").write_text("\n".join(lines))
 
 
@@ -568,6 +607,9 @@ def benchmark(task: Task, scope: str, opts, command: str) -> dict:
     failures = execute([r for runs in grid.values() for r in runs], opts)
     chosen = {}
     for row, runs in grid.items():
+        if not runs:  # --lr-grid-steps 0: the product's default rate, not chosen on validation
+            chosen[row] = product_default_lr(ROWS[row][0], scope, task.kind)
+            continue
         try:
             chosen[row] = choose_lr({r.lr: read_metrics(r) for r in runs}, task.metric)
         except RuntimeError:
@@ -594,8 +636,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--lr-grid-steps", type=int, default=3, choices=[1, 2, 3, 4, 5],
-                   help="points of the half-decade learning-rate grid around each default (default 3)")
+    p.add_argument("--lr-grid-steps", type=int, default=3, choices=[0, 1, 2, 3, 4, 5],
+                   help="points of the half-decade learning-rate grid around each default (default 3; 0: no grid, "
+                   "every row at the product's default rate, not chosen on validation)")
+    p.add_argument("--row-grid-steps", nargs="+", type=row_points, default=[], metavar="ROW=N",
+                   help="another grid size for these rows (e.g. sparsegrad-layer=0: the default rate, no grid)")
     p.add_argument("--max-train", type=int, default=512, help="training rows (default 512)")
     p.add_argument("--validation", type=int, default=200, help="validation rows (default 200)")
     p.add_argument("--test", type=int, default=400, help="test rows (default 400)")

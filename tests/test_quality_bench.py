@@ -101,12 +101,48 @@ def test_lr_grid_is_half_decades_around_the_product_default():
     assert quality.lr_grid(d, 1) == [d]
 
 
-def test_choose_lr_by_validation_loss_then_metric():
-    m = {1e-3: {"eval_loss": 0.71234, "eval_accuracy": 0.7}, 3e-3: {"eval_loss": 0.71236, "eval_accuracy": 0.8},
-         1e-2: {"eval_loss": 0.9, "eval_accuracy": 0.9}, 3e-2: None}
-    assert quality.choose_lr(m, "eval_accuracy") == 3e-3  # losses 2e-5 apart tie: the higher accuracy
-    m[3e-3]["eval_loss"] = 0.7125  # 1.6e-4 worse: no longer a tie
+def test_a_row_may_have_a_smaller_grid_and_zero_means_the_default(capsys):
+    opts = quality.parse_args(["--lr-grid-steps", "3", "--row-grid-steps", "sparsegrad-layer=0"])
+    base = Path("/nonexistent")
+    grids = quality.grid_runs(quality.TASKS["bbc"], "mlp", ["sparsegrad", "sparsegrad-layer"], opts, base)
+    assert [r.lr for r in grids["sparsegrad"]] == quality.lr_grid(quality.product_default_lr("sparsegrad", "mlp",
+                                                                                             "classify"), 3)
+    assert grids["sparsegrad-layer"] == [] and quality.lr_grid(1e-3, 0) == []
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--row-grid-steps", "nosuchrow=1"])
+    assert "nosuchrow" in capsys.readouterr().err
+
+
+def test_summary_keeps_the_tasks_of_an_earlier_invocation(tmp_path):
+    iv = quality.paired_interval({0: 0.9, 1: 0.8, 2: 0.85}, {0: 0.8, 1: 0.78, 2: 0.8})
+    row = {"lr": 3e-3, "mean": {"eval_accuracy": 0.85}, "sd": {"eval_accuracy": 0.05},
+           "per_seed": {"eval_accuracy": {"0": 0.9, "1": 0.8, "2": 0.85}}}
+    earlier = {"rows": {"sparsegrad": row}, "paired": {"sparsegrad - lora": iv},
+               "winner": {"row": "sparsegrad", "runner_up": "lora", "interval": iv, "beyond": False}}
+    (tmp_path / "bbc-mlp").mkdir()
+    (tmp_path / "bbc-mlp" / "results.json").write_text(json.dumps(earlier))
+    (tmp_path / "notatask-mlp").mkdir()  # a folder that is no task's is left out
+    (tmp_path / "notatask-mlp" / "results.json").write_text("{}")
+    tweets = {**earlier, "rows": {"lora": {**row, "mean": {"eval_macro_f1": 0.5}, "sd": {"eval_macro_f1": 0.1},
+                                           "per_seed": {"eval_macro_f1": {"0": 0.5}}}}}
+    quality.write_summary(tmp_path, {"tweets3-mlp": (quality.TASKS["tweets3"], tweets)})
+    text = (tmp_path / "summary.md").read_text()
+    assert "## tweets3-mlp" in text and "## bbc-mlp" in text and "notatask" not in text
+    assert "| sparsegrad | 0.003 | 0.8500 ± 0.0500 | 3 |" in text
+    assert f"sparsegrad - lora: +{0.17 / 3:.3f}" in text
+
+
+def test_choose_lr_by_validation_metric_then_loss():
+    # bbc's grid of the cut run (docs/quality/bbc-mlp, sparsegrad): the loss preferred 0.0095, the accuracy 0.003
+    m = {3e-3: {"eval_loss": 0.5197, "eval_accuracy": 0.94}, 9.5e-3: {"eval_loss": 0.4793, "eval_accuracy": 0.855},
+         3e-2: None}
+    assert quality.choose_lr(m, "eval_accuracy") == 3e-3
+    m[1e-3] = {"eval_loss": 0.45, "eval_accuracy": 0.935}  # 0.005 under the best: a tie, and its loss is lower
     assert quality.choose_lr(m, "eval_accuracy") == 1e-3
+    m[1e-3]["eval_accuracy"] = 0.9349  # just outside the tie
+    assert quality.choose_lr(m, "eval_accuracy") == 3e-3
+    with pytest.raises(RuntimeError, match="every grid run failed"):
+        quality.choose_lr({1e-3: None}, "eval_accuracy")
 
 
 def test_tiny_end_to_end_run(tmp_path):

@@ -6,12 +6,13 @@ import json
 import random
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from helpers import CAUSAL_LM, CLASSIFIER, WORDS, losses, make_csv, make_pairs, tiny_model_dir
 
-from sparsegrad.finetune import selection
+from sparsegrad.finetune import lr_search, selection
 from sparsegrad.finetune.checkpoint import BEST_FILE, STATE_FILE, latest_checkpoint
 from sparsegrad.finetune.errors import TrainingInterrupted, UsageError
 from sparsegrad.finetune.loop import finetune
@@ -135,19 +136,42 @@ def test_a_checkpoint_from_before_validation_still_resumes(assets, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- lr auto
-def test_lr_auto_picks_the_lowest_validation_loss_and_trains_at_it(assets, tmp_path):
+def test_lr_auto_picks_by_the_validation_metric_and_trains_at_it(assets, tmp_path):
     out = tmp_path / "auto"
     m = finetune(config(assets, out, lr_auto=True, method="lora", max_steps=8))
     record = m["lr_search"]
     grid = record["grid"]
     assert [p["lr"] for p in grid] == [float(f"{record['default_lr'] * f:.3g}") for f in (10 ** -0.5, 1, 10 ** 0.5)]
     assert all(p["train_steps"] == 2 for p in grid)  # a quarter of the steps
-    best = min(grid, key=lambda p: p["val_loss"])
-    assert record["picked_lr"] == best["lr"] == m["lr"]
+    top = max(p["val_accuracy"] for p in grid)  # the rule written out: best accuracy, within 0.005 the lower loss
+    best = min((p for p in grid if p["val_accuracy"] >= top - 0.005 - 1e-12), key=lambda p: (p["val_loss"], p["lr"]))
+    assert record["picked_lr"] == best["lr"] == m["lr"] and record["metric"] == "accuracy"
     fixed = finetune(config(assets, tmp_path / "fixed", lr=best["lr"], method="lora", max_steps=8))
     assert losses(out) == losses(tmp_path / "fixed") and m["eval_loss"] == fixed["eval_loss"]
     with pytest.raises(UsageError, match="validation split"):
         finetune(config(assets, tmp_path / "x", lr_auto=True, val_fraction=0.0))
+
+
+def test_lr_pick_ranks_the_metric_first_and_breaks_ties_by_loss():
+    pts = [{"lr": 1e-3, "val_accuracy": 0.94, "val_loss": 0.52}, {"lr": 3e-3, "val_accuracy": 0.855, "val_loss": 0.48},
+           {"lr": 1e-2, "val_loss": None}]  # a diverged point
+    assert lr_search.pick(pts, "val_accuracy", "val_loss")["lr"] == 1e-3  # the lower loss does not outrank accuracy
+    pts[1]["val_accuracy"] = 0.935  # one row in 200 under the best: a tie, and the lower loss wins
+    assert lr_search.pick(pts, "val_accuracy", "val_loss")["lr"] == 3e-3
+    pts[1]["val_accuracy"] = 0.934
+    assert lr_search.pick(pts, "val_accuracy", "val_loss")["lr"] == 1e-3
+    pts[1].update(val_accuracy=0.94, val_loss=0.52)  # a full tie: the lower rate
+    assert lr_search.pick(pts, "val_accuracy", "val_loss")["lr"] == 1e-3
+    assert lr_search.pick(pts, "val_loss", "val_loss")["lr"] == 1e-3  # a causal LM: the lowest loss, then lower lr
+    assert lr_search.pick([{"lr": 1e-3, "val_loss": None}], "val_accuracy", "val_loss") is None
+    assert lr_search.pick([{"lr": 1e-3, "val_accuracy": float("nan")}], "val_accuracy", "val_loss") is None
+
+
+@pytest.mark.parametrize("kind,metric_for_best,ranked", [("classifier", "loss", "accuracy"),
+                                                         ("classifier", "macro_f1", "macro_f1"),
+                                                         ("causal-lm", "loss", "loss")])
+def test_lr_auto_ranks_by_the_task_metric(kind, metric_for_best, ranked):
+    assert lr_search.rank_metric(SimpleNamespace(metric_for_best=metric_for_best, task_kind=kind)) == ranked
 
 
 def test_compare_passes_lr_auto_per_method():
