@@ -278,3 +278,19 @@ def test_calibrating_fused_experts_gives_the_model_back_its_own_parameters():
     assert all(p is params[n] for n, p in experts.named_parameters()) and list(params) == ["gate_up_proj", "down_proj"]
     assert [n for n, _ in experts.named_children()] == ["act_fn"] and not experts._forward_pre_hooks
     assert all(p.grad is None for p in params.values())
+
+
+@pytest.mark.parametrize("support", ["dynamic", "fixed"])
+def test_the_optimizer_refuses_to_step_after_merge_and_unload(support):
+    # The review's case 203: stepping the old optimizer after the merge was silently accepted (and would move
+    # the biases the merged model shares with the old layers).
+    model = converted_bert(support)
+    opt = train(model, steps=1)
+    batch = bert_batches(1, seed=4)[0]
+    model(**batch).loss.backward()  # gradients pending when the user merges
+    merged = sg.merge_and_unload(model)
+    before = copy.deepcopy(merged.state_dict())
+    with pytest.raises(ValueError, match="merged into the model by merge_and_unload"):
+        opt.step()
+    after = merged.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)

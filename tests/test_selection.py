@@ -206,12 +206,12 @@ def test_did_not_learn_fires_on_majority_and_not_on_a_learning_run(assets, tmp_p
 
 def test_learning_check_thresholds():
     quality = {"eval_accuracy": 0.5, "eval_macro_f1": 0.2, "majority_baseline_accuracy": 0.3}
-    assert selection.learning_check(CLASSIFIER, quality, {})[0] is True  # macro-F1 < 0.5 x accuracy
-    assert selection.learning_check(CLASSIFIER, {**quality, "eval_macro_f1": 0.45}, {})[0] is False
-    assert selection.learning_check(CLASSIFIER, {**quality, "eval_accuracy": 0.305, "eval_macro_f1": 0.3}, {})[0]
-    assert selection.learning_check(CAUSAL_LM, {}, {})[0] is None
-    assert selection.learning_check(CAUSAL_LM, {}, {"val_untrained_loss": 2.0, "val_loss": 2.0})[0] is True
-    assert selection.learning_check(CAUSAL_LM, {}, {"val_untrained_loss": 2.0, "val_loss": 1.5})[0] is False
+    assert selection.classifier_learning_check(quality, {})[0] is True  # macro-F1 < 0.5 x accuracy
+    assert selection.classifier_learning_check({**quality, "eval_macro_f1": 0.45}, {})[0] is False
+    assert selection.classifier_learning_check({**quality, "eval_accuracy": 0.305, "eval_macro_f1": 0.3}, {})[0]
+    assert selection.lm_learning_check({}, {})[0] is None
+    assert selection.lm_learning_check({}, {"val_untrained_loss": 2.0, "val_loss": 2.0})[0] is True
+    assert selection.lm_learning_check({}, {"val_untrained_loss": 2.0, "val_loss": 1.5})[0] is False
 
 
 def test_causal_lm_records_validation_and_the_untrained_loss(assets, tmp_path):

@@ -161,6 +161,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         fuse_trained(module)
     for name, layer in sparsegrad_layers(model).items():
         _set_submodule(model, name, restore(layer))
+        for param in (layer.weight, layer.delta_values):  # an optimizer still holding them refuses to step
+            param.sparsegrad_merged = True
     for attr in (CONFIG_ATTR, PRETRAINED_HASH_ATTR):
         if hasattr(model, attr):
             delattr(model, attr)

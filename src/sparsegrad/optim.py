@@ -415,6 +415,10 @@ class SparseGradAdamW(torch.optim.AdamW):
         self._sparse_step([(param, self._layers[param], group)])
 
     def step(self, closure=None):
+        if any(getattr(p, "sparsegrad_merged", False) for group in self.param_groups for p in group["params"]):
+            raise ValueError("optimizer.step(): its SparseGrad layers were merged into the model by merge_and_unload "
+                             "(the merged model holds plain layers and shares their biases); create a new optimizer "
+                             "for the merged model")
         loss = None
         if closure is not None:
             with torch.enable_grad():

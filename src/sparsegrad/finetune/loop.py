@@ -337,7 +337,7 @@ def evaluate_and_write(s: Setup, prepared: Prepared, run: RunState, selection: S
     metrics = {
         "method": cfg.method, "task": task.name, "seed": cfg.seed, "model": cfg.model or task.default_model,
         **quality,
-        **run_metrics(selection, task.kind, quality, cfg.val_fraction),
+        **run_metrics(selection, task.learning_check, quality, cfg.val_fraction),
         "lr_search": lr_search.read_record(s.out_dir) if cfg.lr_auto else None,
         **run_record(s, prepared, run),
         **task.describe(),

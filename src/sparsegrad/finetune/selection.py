@@ -152,17 +152,20 @@ class Selection:
 
 
 # ------------------------------------------------------------------------------------------------- did it learn
-def learning_check(kind: str, quality: dict[str, Any], val: dict[str, Any]) -> tuple[bool | None, str]:
-    """(did_not_learn, reason). A classifier: accuracy at most the majority-class rate + `MAJORITY_MARGIN`, or
-    macro-F1 under `F1_RATIO` x accuracy. A causal LM: the best validation loss not below the untrained model's
-    (None when there is no validation split)."""
-    if kind == "causal-lm":
-        before, after = val.get("val_untrained_loss"), val.get("val_loss")
-        if before is None or after is None:
-            return None, "no validation split: the untrained loss is not measured (set --val-fraction > 0)"
-        if after >= before:
-            return True, f"validation loss {after:.4f} is not below the untrained model's {before:.4f}"
-        return False, f"validation loss {after:.4f} < untrained {before:.4f}"
+def lm_learning_check(quality: dict[str, Any], val: dict[str, Any]) -> tuple[bool | None, str]:
+    """(did_not_learn, reason) of a causal LM: the best validation loss not below the untrained model's (None when
+    there is no validation split)."""
+    before, after = val.get("val_untrained_loss"), val.get("val_loss")
+    if before is None or after is None:
+        return None, "no validation split: the untrained loss is not measured (set --val-fraction > 0)"
+    if after >= before:
+        return True, f"validation loss {after:.4f} is not below the untrained model's {before:.4f}"
+    return False, f"validation loss {after:.4f} < untrained {before:.4f}"
+
+
+def classifier_learning_check(quality: dict[str, Any], val: dict[str, Any]) -> tuple[bool | None, str]:
+    """(did_not_learn, reason) of a classifier: accuracy at most the majority-class rate + `MAJORITY_MARGIN`, or
+    macro-F1 under `F1_RATIO` x accuracy."""
     acc, f1, base = quality["eval_accuracy"], quality["eval_macro_f1"], quality["majority_baseline_accuracy"]
     if acc <= base + MAJORITY_MARGIN:
         return True, f"accuracy {acc:.4f} is at or near the majority-class rate {base:.4f}"
@@ -181,13 +184,13 @@ def validate(task: Any, model: nn.Module, precision: Any) -> dict[str, Any]:
         return task.evaluate_val(model)
 
 
-def run_metrics(selection: "Selection | None", kind: str, quality: dict[str, Any], val_fraction: float
+def run_metrics(selection: "Selection | None", learning_check: Any, quality: dict[str, Any], val_fraction: float
                 ) -> dict[str, Any]:
     """metrics.json's validation and did-not-learn fields; prints the warning when the run did not learn."""
     import sys
 
     val = selection.metrics() if selection is not None else {}
-    did_not_learn, reason = learning_check(kind, quality, val)
+    did_not_learn, reason = learning_check(quality, val)
     if did_not_learn:
         print(warning_line(reason), file=sys.stderr, flush=True)
     return {"val_fraction": val_fraction, **val, "did_not_learn": did_not_learn, "did_not_learn_reason": reason}

@@ -37,6 +37,9 @@ class Task(Protocol):
     """The did-not-learn check compares the validation loss with the untrained model's (one extra validation pass
     at step 0); a classifier compares with the majority class instead."""
 
+    def learning_check(self, quality: dict[str, Any], val: dict[str, Any]) -> tuple[bool | None, str]:
+        """(did_not_learn, reason) from the held-out ``quality`` and the validation fields ``val``."""
+
     @property
     def num_val(self) -> int:
         """Examples of the validation split (carved from the training data; 0 without one)."""

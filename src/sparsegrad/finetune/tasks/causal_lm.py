@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .. import lm
-from ..selection import carve_examples
+from ..selection import carve_examples, lm_learning_check
 from .base import check_positions, cost_lines, selection_lines, usage_errors
 
 KIND = "causal-lm"
@@ -18,6 +18,7 @@ KIND = "causal-lm"
 class CausalLMTask:
     kind = KIND
     untrained_loss_is_reference = True
+    learning_check = staticmethod(lm_learning_check)
     head_names: tuple[str, ...] = ()
     default_model = "smollm2"
 

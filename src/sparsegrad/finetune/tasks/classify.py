@@ -12,7 +12,7 @@ from .. import data as D
 from .. import metrics as M
 from ..methods import DEFAULT_HEAD_NAMES
 from ..models import load_classifier
-from ..selection import carve_classification
+from ..selection import carve_classification, classifier_learning_check
 from .base import check_positions, cost_lines, selection_lines, rows, usage_errors
 
 KIND = "classifier"
@@ -21,6 +21,7 @@ KIND = "classifier"
 class ClassificationTask:
     kind = KIND
     untrained_loss_is_reference = False
+    learning_check = staticmethod(classifier_learning_check)
     head_names = DEFAULT_HEAD_NAMES
     default_model = "minilm"
 
