@@ -52,21 +52,22 @@ def index_dtype(numel: int) -> torch.dtype:
 
 
 def topk_candidates(scores: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Flat indices of ``k`` entries of largest magnitude (unsorted) without a host sync, with two 0-dim tensors:
-    ``tie`` (true when a tie straddles the cut, so the set is not unique: call `topk_indices` instead) and ``top``
-    (the largest magnitude; NaN or inf exactly when ``scores`` holds a non-finite entry, since topk ranks NaN and
-    inf above every finite value)."""
-    flat = scores.reshape(-1).abs()
-    n = flat.numel()
+    """Per row of ``scores`` (the last dimension; a 1-D tensor is one row): indices of ``k`` entries of largest
+    magnitude (unsorted) without a host sync, with ``tie`` (true when a tie straddles the cut, so the set is not
+    unique: call `topk_indices` instead) and ``top`` (the largest magnitude; NaN or inf exactly when the row holds a
+    non-finite entry, since topk ranks NaN and inf above every finite value), one per row."""
+    magnitude = scores.abs()
+    n, rows = magnitude.shape[-1], magnitude.shape[:-1]
     if k >= n:
-        return torch.arange(n, device=flat.device), torch.zeros((), dtype=torch.bool, device=flat.device), flat.max()
-    values, indices = torch.topk(flat, k + 1)  # descending: the cut is between values[k - 1] and values[k]
-    return indices[:k], values[k - 1] == values[k], values[0]
+        every = torch.arange(n, device=magnitude.device).expand(*rows, n)
+        return every, torch.zeros(rows, dtype=torch.bool, device=magnitude.device), magnitude.amax(-1)
+    values, indices = magnitude.topk(k + 1, dim=-1)  # descending: the cut is between columns k - 1 and k
+    return indices[..., :k], values[..., k - 1] == values[..., k], values[..., 0]
 
 
 def topk_indices(scores: Tensor, k: int) -> Tensor:
     """Sorted flat indices of exactly ``k`` entries of largest magnitude; ties go to the lower index."""
-    indices, tie, _ = topk_candidates(scores, k)
+    indices, tie, _ = topk_candidates(scores.reshape(-1), k)
     if not bool(tie):  # the k-th largest beats the (k+1)-th: no tie straddles the cut, the set is unique
         return indices.sort().values
     flat = scores.reshape(-1).abs()

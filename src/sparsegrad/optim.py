@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from .layer import SparseGradLinear, add_increments, increment_order_key, topk_indices
+from .layer import SparseGradLinear, add_increments, increment_order_key, topk_candidates, topk_indices
 from .layerwise import enable_layerwise_step
 
 
@@ -171,15 +171,7 @@ class _Stack:
             for layer, grad, out in zip(self.layers, grads, rotated.unbind(0)):
                 torch.mm(torch.mm(layer.u_out.T, grad), layer.u_in, out=out)  # = layer.rotate(grad)
             rotated = rotated.view(L, o * i)
-        magnitude = rotated.abs()
-        if k >= o * i:
-            idx = torch.arange(o * i, device=rotated.device).expand(L, -1)
-            tie = torch.zeros(L, dtype=torch.bool, device=rotated.device)
-            top = magnitude.amax(1)
-        else:
-            values, idx = magnitude.topk(k + 1, dim=1)  # descending: the cut is between columns k - 1 and k
-            tie, top, idx = values[:, k - 1] == values[:, k], values[:, 0], idx[:, :k]
-        del magnitude
+        idx, tie, top = topk_candidates(rotated, k)  # per layer's row: no host sync
         idx = self._ordered(idx)
         pos, new = self._positions(idx)
         pick = {"idx": idx, "grad": rotated.gather(1, idx), "pos": pos, "new": new}
