@@ -256,3 +256,28 @@ def test_basis_refresh_on_conv1d_and_fused_experts(model_type, support, tmp_path
     probe = batches(model_type, 1, seed=9)[0]
     reloaded = sg.load_adapter(build(model_type), tmp_path / "a")
     torch.testing.assert_close(logits(reloaded, probe), logits(model, probe), rtol=0, atol=0)
+
+
+def _preflight():
+    from sparsegrad.finetune import preflight
+
+    return preflight
+
+
+@pytest.mark.parametrize("model_type", sorted(set(SPECS) & set(_preflight().MLP_DIM_KEYS)))
+def test_the_preflight_shape_table_agrees_with_the_matrices_the_registry_converts(model_type):
+    """`finetune.preflight` reads (hidden, inner) from config.json without torch, to check --k and --lora-rank
+    before any model loads; the registry finds the matrices on the loaded model. The two must name one shape."""
+    model = build(model_type)
+    hidden, inner = _preflight().mlp_shape(model.config.to_dict())
+    found = {tuple(module.weight.shape) for _, module in sg.targets.find_targets(model, sg.SparseGradConfig())}
+    assert found <= {(hidden, inner), (inner, hidden)} and found, (model_type, found, hidden, inner)
+
+
+@pytest.mark.parametrize("model_type", sorted(_preflight().MLP_DIM_KEYS))
+def test_every_family_of_the_preflight_table_has_its_keys_in_its_default_config(model_type):
+    """Families the matrix above does not build: their config.json keys exist under the names the table gives."""
+    config = transformers.AutoConfig.for_model(model_type).to_dict()
+    keys = _preflight().MLP_DIM_KEYS[model_type]
+    assert all(key in config for key in keys), (model_type, keys)
+    assert _preflight().mlp_shape(config) is not None
