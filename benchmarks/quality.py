@@ -91,12 +91,13 @@ LM_INSTRUCTION_NOTE = (
 )
 SHAKESPEARE_NOTE = (
     "The test split is the CLI's own `--task shakespeare` held-out regions (every 5th region of ~16k characters, "
-    "the same for every seed, never a training region). The rate of each row is the product's own `--lr auto`, run "
-    "once, at the first seed: three half-decades around the method's default, each a probe of a quarter of the steps "
+    "the same for every seed, never a training region). With a grid (`--lr-grid-steps 3`, the default) the rate of "
+    "each row is the product's own `--lr auto`, run once, at the first seed: three half-decades around the method's default, each a probe of a quarter of the steps "
     "scored by the loss on a validation split the CLI carves from the training chunks (`--val-fraction`); the "
     "lowest validation loss wins. The probes never evaluate the held-out regions; the full run at the pick reads "
     "them once, at its end. The other seeds train at that pick, with the same validation carve (so every run "
-    "trains on as many chunks)."
+    "trains on as many chunks). The validation carve also gives each run the untrained model's validation loss, "
+    "which the product's did-not-learn check compares against (metrics.json: did_not_learn)."
 )
 
 
@@ -599,9 +600,8 @@ def write_results(task: Task, scope: str, base: Path, opts, files, summary, fail
     lines = [f"# Quality: {task.name}, scope {scope}", "", task.description + ".", "",
              f"    {command}", "",
              f"Budget: {opts.steps} steps of {opts.batch_size}, max length {opts.max_length}, seeds {opts.seeds}. "
-             f"Learning rate per row chosen on the validation split (grid at seed {opts.seeds[0]}, "
-             f"{choice_rule(task)}); the test split is read once per row and seed, at the chosen "
-             "rate. Step times are not reported: the runs shared a loaded machine.", ""]
+             + rate_sentence(task, summary, opts) + " Step times are not reported: the runs shared a loaded "
+             "machine.", ""]
     lines += split_lines(task, files, opts)
     if task.note:
         lines += [task.note, ""]
@@ -620,6 +620,15 @@ def write_results(task: Task, scope: str, base: Path, opts, files, summary, fail
         lines += ["## Runs without results", ""] + [f"- `{d.name}`: {msg}" for d, msg in failures.items()] + [""]
     (base / "results.md").write_text("\n".join(lines))
     (base / "results.json").write_text(json.dumps(summary, indent=1, default=_json_default))
+
+
+def rate_sentence(task: Task, summary: dict, opts) -> str:
+    """How the rates were set: chosen on validation, or (no row with a grid) the product's defaults."""
+    if not any(grid_points(row, opts) for row in summary["grid"]):
+        return ("Every row at the product's default learning rate for its method (`--lr-grid-steps 0`): **not "
+                "chosen on validation**; the test split is read once per row and seed.")
+    return (f"Learning rate per row chosen on the validation split (grid at seed {opts.seeds[0]}, "
+            f"{choice_rule(task)}); the test split is read once per row and seed, at the chosen rate.")
 
 
 def _json_default(obj):
