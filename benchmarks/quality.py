@@ -6,13 +6,15 @@ first, then stratified, seeded and disjoint), so that
 
 1. each row (method and its flags) gets a small learning-rate grid, half-decades around the product's default for
    that method (read from the product's table, `default_lr`), trained on the train file and
-   evaluated on the VALIDATION file, at the first seed; the rate with the highest validation metric (the task's
-   primary one, below) wins, rates within 0.005 of it tie and the lower validation loss breaks the tie (the
-   product's `--lr auto` rule, `lr_search.pick`; by the loss first, BBC picked a rate unstable across seeds);
+   evaluated on the VALIDATION file, at the first seed; the rate with the best validation metric (the task's
+   primary one, below: the highest, or the lowest for a loss or perplexity) wins, rates within 0.005 of the highest
+   tie and the lower validation loss breaks the tie (the product's `--lr auto` rule, `lr_search.pick`; by the loss
+   first, BBC picked a rate unstable across seeds);
 2. each row at its chosen rate x every seed is evaluated ONCE on the TEST file;
 3. per seed, paired differences of SparseGrad to LoRA and to MeProp (of each lever row to SparseGrad, and of the
-   best row to the runner-up) get a 95 % t-interval; results.md, a plot and results.json per task, summary.md over
-   all tasks (and the tasks an earlier invocation wrote into the same --out).
+   best row to the runner-up: the lowest mean for a lower-is-better metric) get a 95 % t-interval; results.md, a
+   plot and results.json per task, summary.md over all tasks (and the tasks an earlier invocation wrote into the
+   same --out).
 
     python benchmarks/quality.py --tasks bbc tweets3 --seeds 0 1 2 --steps 32 --out docs/quality
     python benchmarks/quality.py --dry-run          # the plan, the number of runs and an estimated time
@@ -92,8 +94,8 @@ LM_INSTRUCTION_NOTE = (
 SHAKESPEARE_NOTE = (
     "The test split is the CLI's own `--task shakespeare` held-out regions (every 5th region of ~16k characters, "
     "the same for every seed, never a training region). With a grid (`--lr-grid-steps 3`, the default) the rate of "
-    "each row is the product's own `--lr auto`, run once, at the first seed: three half-decades around the method's default, each a probe of a quarter of the steps "
-    "scored by the loss on a validation split the CLI carves from the training chunks (`--val-fraction`); the "
+    "each row is the product's own `--lr auto`, run once, at the first seed: three half-decades around the "
+    "method's default, each a probe of a quarter of the steps scored by the loss on a validation split the CLI carves from the training chunks (`--val-fraction`); the "
     "lowest validation loss wins. The probes never evaluate the held-out regions; the full run at the pick reads "
     "them once, at its end. The other seeds train at that pick, with the same validation carve (so every run "
     "trains on as many chunks). The validation carve also gives each run the untrained model's validation loss, "

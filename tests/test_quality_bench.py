@@ -222,7 +222,8 @@ def test_the_winner_of_a_lower_is_better_task_is_the_lowest_row(tmp_path):
     assert s["paired"]["sparsegrad - lora"]["mean"] == pytest.approx(-2.0)
     assert s["paired"]["sparsegrad - meprop"]["mean"] == pytest.approx(-28.5 / 3)
     text = quality.verdict(task, s)
-    assert "lowest mean test perplexity: **sparsegrad**" in text and "sparsegrad - lora (the runner-up) = -2.000" in text
+    assert "lowest mean test perplexity: **sparsegrad**" in text
+    assert "sparsegrad - lora (the runner-up) = -2.000" in text
     # the same numbers on a higher-is-better task name meprop
     bbc = quality.TASKS["bbc"]
     s_hi = quality.summarise(bbc, {}, {row: 1e-3 for row in per_seed}, _runs_of(bbc, per_seed, tmp_path / "hi"))
@@ -288,7 +289,8 @@ def test_shakespeare_chooses_with_lr_auto_at_the_first_seed_and_tests_the_rest_a
 def test_a_grid_size_lr_auto_cannot_run_is_refused(capsys):
     with pytest.raises(SystemExit) as exc:
         quality.parse_args(["--tasks", "shakespeare", "--lr-grid-steps", "5"])
-    assert exc.value.code == 2 and "shakespeare chooses its rate with the product's --lr auto" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "shakespeare chooses its rate with the product's --lr auto" in err
     assert quality.parse_args(["--tasks", "bbc", "--lr-grid-steps", "5"]).lr_grid_steps == 5
 
 
