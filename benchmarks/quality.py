@@ -92,14 +92,15 @@ LM_INSTRUCTION_NOTE = (
     "any seed is read while choosing the rate."
 )
 SHAKESPEARE_NOTE = (
-    "The test split is the CLI's own `--task shakespeare` held-out regions (every 5th region of ~16k characters, "
-    "the same for every seed, never a training region). With a grid (`--lr-grid-steps 3`, the default) the rate of "
-    "each row is the product's own `--lr auto`, run once, at the first seed: three half-decades around the "
-    "method's default, each a probe of a quarter of the steps scored by the loss on a validation split the CLI carves from the training chunks (`--val-fraction`); the "
-    "lowest validation loss wins. The probes never evaluate the held-out regions; the full run at the pick reads "
-    "them once, at its end. The other seeds train at that pick, with the same validation carve (so every run "
-    "trains on as many chunks). The validation carve also gives each run the untrained model's validation loss, "
-    "which the product's did-not-learn check compares against (metrics.json: did_not_learn)."
+    "The test split is the CLI's own `--task shakespeare` held-out regions (every 5th region of ~16k characters, the "
+    "same for every seed, never a training region). With a grid (`--lr-grid-steps 3`, the default) the rate of each "
+    "row is the product's own `--lr auto`, run once, at the first seed: three half-decades around the method's "
+    "default, each a probe of a quarter of the steps scored by the loss on a validation split the CLI carves from the"
+    " training chunks (`--val-fraction`); the lowest validation loss wins. The probes never evaluate the held-out "
+    "regions; the full run at the pick reads them once, at its end. The other seeds train at that pick, with the same"
+    " validation carve (so every run trains on as many chunks). The validation carve also gives each run the "
+    "untrained model's validation loss, which the product's did-not-learn check compares against (metrics.json: "
+    "did_not_learn)."
 )
 
 
@@ -499,6 +500,11 @@ def fmt(x: float, digits: int = 4) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def lr_cell(row: dict) -> str:
+    """A row's rate, marked when no validation chose it (results.json of earlier versions do not say: unmarked)."""
+    return f"{row['lr']:g}" + (" (default)" if row.get("lr_source") == "default" else "")
+
+
 def fmt_interval(iv: dict) -> str:
     if iv["n"] < 2:
         return f"{fmt(iv['mean'], 3)} ({iv['n']} seed{'' if iv['n'] == 1 else 's'}: no interval)"
@@ -506,13 +512,14 @@ def fmt_interval(iv: dict) -> str:
 
 
 def summarise(task: Task, grid: dict, chosen: dict, tests: dict) -> dict:
-    """Per row: the chosen rate, per-seed metrics, means and sds; the paired intervals; the winner."""
+    """Per row: the chosen rate (and whether validation chose it or it is the product's default), per-seed metrics,
+    means and sds; the paired intervals; the winner."""
     rows = {}
     for row, runs in tests.items():
         ms = {r.seed: read_metrics(r) for r in runs}
         ok = {s: m for s, m in ms.items() if m is not None}
         per = {k: {s: m[k] for s, m in ok.items() if m.get(k) is not None} for k in task.metrics}
-        rows[row] = {"lr": chosen[row], "per_seed": per,
+        rows[row] = {"lr": chosen[row], "lr_source": "validation" if grid.get(row) else "default", "per_seed": per,
                      "mean": {k: statistics.fmean(v.values()) if v else math.nan for k, v in per.items()},
                      "sd": {k: statistics.stdev(v.values()) if len(v) > 1 else math.nan for k, v in per.items()},
                      "majority": next((m.get("majority_baseline_accuracy") for m in ok.values()), None)}
@@ -571,7 +578,7 @@ def test_table(task: Task, summary: dict) -> list[str]:
     for row, r in summary["rows"].items():
         cells = [f"{fmt(r['mean'][k])} ± {fmt(r['sd'][k])}" for k in task.metrics]
         seeds = r["per_seed"][task.metric]
-        out.append(f"| {row} | {r['lr']:g} | {len(seeds)} | " + " | ".join(cells) + " | "
+        out.append(f"| {row} | {lr_cell(r)} | {len(seeds)} | " + " | ".join(cells) + " | "
                    + ", ".join(fmt(v, 3) for _, v in sorted(seeds.items())) + " |")
     return out
 
@@ -704,7 +711,8 @@ def earlier_results(out: Path, done: dict[str, tuple[Task, dict]]) -> dict[str, 
 def write_summary(out: Path, done: dict[str, tuple[Task, dict]]) -> None:
     lines = ["# Quality benchmark: summary", "",
              f"Each row at the learning rate chosen on its own validation split ({choice_rule()}; shakespeare: "
-             f"{choice_rule(TASKS['shakespeare'])} at the first seed); test metric mean ± sd over the seeds; paired "
+             f"{choice_rule(TASKS['shakespeare'])} at the first seed), or at the product's default where marked "
+             "(default): not chosen on validation; test metric mean ± sd over the seeds; paired "
              "SparseGrad differences with 95 % t-intervals. Per task: the grid, the pick, every metric, the command "
              "and the plot in its results.md.", ""]
     for key, (task, s) in {**done, **earlier_results(out, done)}.items():
@@ -713,7 +721,7 @@ def write_summary(out: Path, done: dict[str, tuple[Task, dict]]) -> None:
                   "| row | lr | test " + name + " | seeds |",
                   "|---|---|---|---|"]
         for row, r in s["rows"].items():
-            lines.append(f"| {row} | {r['lr']:g} | {fmt(r['mean'][task.metric])} ± {fmt(r['sd'][task.metric])} | "
+            lines.append(f"| {row} | {lr_cell(r)} | {fmt(r['mean'][task.metric])} ± {fmt(r['sd'][task.metric])} | "
                          f"{len(r['per_seed'][task.metric])} |")
         lines += [""] + [f"- {lab}: {fmt_interval(iv)}{', beyond the interval' if beyond(iv) else ''}"
                          for lab, iv in s["paired"].items()]

@@ -283,6 +283,7 @@ def test_shakespeare_chooses_with_lr_auto_at_the_first_seed_and_tests_the_rest_a
     assert "| sparsegrad | 0.001 | 3.2189 | 25.0000 | **yes** |" in text  # the --lr auto record, log(25) = 3.2189
     assert "| lora | 0.001 | 3.3322 | 28.0000 |  |" in text and "| full | " + f"{full_lr:g}" + " | no grid |" in text
     assert "lower is better" in text and "`--task shakespeare` held-out regions" in text
+    assert f"| full | {full_lr:g} (default) | 2 |" in text and "| sparsegrad | 0.001 | 2 |" in text
     assert (tmp_path / "shakespeare-mlp" / "quality.png").stat().st_size > 0
 
 
