@@ -256,8 +256,8 @@ def lr_grid(default: float, points: int) -> list[float]:
 
 def choose_lr(results: dict[float, dict], metric: str) -> float:
     """The product's own rule (`lr_search.pick`, as `--lr auto` uses it): the highest validation ``metric`` (the
-    task's primary one); rates within `lr_search.METRIC_TIE` of it tie, and the lower validation loss, then the
-    lower rate, wins. Failed runs are not chosen."""
+    task's primary one; the lowest for a loss or perplexity); rates within `lr_search.METRIC_TIE` of the highest
+    tie, and the lower validation loss, then the lower rate, wins. Failed runs are not chosen."""
     from sparsegrad.finetune.lr_search import pick
 
     best = pick([{"lr": lr, **m} for lr, m in results.items() if m is not None], metric, "eval_loss")
