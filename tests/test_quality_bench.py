@@ -106,7 +106,7 @@ def test_a_row_may_have_a_smaller_grid_and_zero_means_the_default(capsys):
     base = Path("/nonexistent")
     grids = quality.grid_runs(quality.TASKS["bbc"], "mlp", ["sparsegrad", "sparsegrad-layer"], opts, base)
     assert [r.lr for r in grids["sparsegrad"]] == quality.lr_grid(quality.product_default_lr("sparsegrad", "mlp",
-                                                                                             "classify"), 3)
+                                                                                             "classifier"), 3)
     assert grids["sparsegrad-layer"] == [] and quality.lr_grid(1e-3, 0) == []
     with pytest.raises(SystemExit):
         quality.parse_args(["--row-grid-steps", "nosuchrow=1"])
@@ -171,3 +171,152 @@ def test_tiny_end_to_end_run(tmp_path):
     assert "test.csv" in (run / "log.txt").read_text().splitlines()[0]
     assert json.loads((run / "metrics.json").read_text())["num_eval"] == 15
     assert not (run / "adapter").exists()  # deleted once its metrics were written
+
+
+# ------------------------------------------------------------------------------------------------- lower is better
+def test_a_perplexity_or_a_loss_is_lower_is_better_everywhere_else_higher():
+    from sparsegrad.finetune import lr_search
+
+    assert all(lr_search.lower_is_better(m) for m in ("loss", "val_loss", "eval_perplexity", "val_perplexity"))
+    assert not any(lr_search.lower_is_better(m) for m in ("accuracy", "val_macro_f1", "eval_exact_match"))
+    assert quality.TASKS["shakespeare"].lower_is_better and not quality.TASKS["bbc"].lower_is_better
+
+
+def test_the_pick_takes_the_lowest_perplexity_not_the_highest():
+    from sparsegrad.finetune import lr_search
+
+    pts = [{"lr": 1e-4, "val_perplexity": 30.0, "val_loss": math.log(30.0)},
+           {"lr": 3e-4, "val_perplexity": 24.0, "val_loss": math.log(24.0)},
+           {"lr": 1e-3, "val_perplexity": 24.1, "val_loss": math.log(24.1)},  # no tie band on a perplexity
+           {"lr": 3e-3, "val_perplexity": None, "val_loss": None}]  # diverged
+    assert lr_search.pick(pts, "val_perplexity", "val_loss")["lr"] == 3e-4
+    assert lr_search.pick(pts, "val_loss", "val_loss")["lr"] == 3e-4
+    m = {lr: {"eval_perplexity": p, "eval_loss": math.log(p)} for lr, p in ((1e-4, 30.0), (3e-4, 24.0), (1e-3, 41.0))}
+    assert quality.choose_lr(m, "eval_perplexity") == 3e-4
+    assert quality.choose_lr({**m, 3e-3: None}, "eval_loss") == 3e-4
+
+
+def _runs_of(task, per_seed: dict[str, dict[int, float]], tmp_path):
+    """Test runs with metrics.json files holding these primary values (perplexity: eval_loss = its log)."""
+    tests = {}
+    for row, seeds in per_seed.items():
+        tests[row] = []
+        for s, v in seeds.items():
+            run = quality.Run(task, "mlp", row, "test", 1e-3, s, tmp_path / f"{row}-{s}")
+            run.dir.mkdir(parents=True)
+            run.metrics_path.write_text(json.dumps({task.metric: v, "eval_loss": math.log(v)}))
+            tests[row].append(run)
+    return tests
+
+
+def test_the_winner_of_a_lower_is_better_task_is_the_lowest_row(tmp_path):
+    task = quality.TASKS["shakespeare"]
+    per_seed = {"sparsegrad": {0: 20.0, 1: 21.0, 2: 20.5}, "lora": {0: 22.0, 1: 22.5, 2: 23.0},
+                "meprop": {0: 30.0, 1: 31.0, 2: 29.0}}
+    tests = _runs_of(task, per_seed, tmp_path)
+    s = quality.summarise(task, {row: [] for row in per_seed}, {row: 1e-3 for row in per_seed}, tests)
+    w = s["winner"]
+    assert (w["row"], w["runner_up"]) == ("sparsegrad", "lora")  # the lowest mean, then the next lowest
+    # best - runner-up per seed: -2.0, -1.5, -2.5: mean -2, all below zero
+    assert w["interval"]["mean"] == pytest.approx(-2.0) and w["interval"]["high"] < 0 and w["beyond"]
+    assert s["paired"]["sparsegrad - lora"]["mean"] == pytest.approx(-2.0)
+    assert s["paired"]["sparsegrad - meprop"]["mean"] == pytest.approx(-28.5 / 3)
+    text = quality.verdict(task, s)
+    assert "lowest mean test perplexity: **sparsegrad**" in text
+    assert "sparsegrad - lora (the runner-up) = -2.000" in text
+    # the same numbers on a higher-is-better task name meprop
+    bbc = quality.TASKS["bbc"]
+    s_hi = quality.summarise(bbc, {}, {row: 1e-3 for row in per_seed}, _runs_of(bbc, per_seed, tmp_path / "hi"))
+    assert s_hi["winner"]["row"] == "meprop" and "best mean test accuracy: **meprop**" in quality.verdict(bbc, s_hi)
+
+
+def _fake_cli(record_lrs: dict[str, dict[float, float]], picked_ppl: dict[str, float]):
+    """An `execute` stand-in that writes what the CLI would: a --lr auto run's pick and lr_search record (the lowest
+    validation loss), and each run's test perplexity (row's value + seed / 10)."""
+    seen = []
+
+    def execute(runs, opts):
+        for r in runs:
+            seen.append(r)
+            args = r.args
+            lr = args[args.index("--lr") + 1]
+            m = {}
+            if lr == "auto":
+                grid = [{"lr": x, "val_loss": math.log(v), "val_perplexity": v} for x, v in record_lrs[r.row].items()]
+                pick = min(grid, key=lambda p: p["val_loss"])["lr"]
+                m.update(lr=pick, lr_search={"grid": grid, "picked_lr": pick})
+            else:
+                m["lr"] = float(lr)
+            ppl = picked_ppl[r.row] + r.seed / 10
+            m.update(eval_perplexity=ppl, eval_loss=math.log(ppl))
+            r.dir.mkdir(parents=True, exist_ok=True)
+            r.metrics_path.write_text(json.dumps(m))
+        return {}
+    return execute, seen
+
+
+def test_shakespeare_chooses_with_lr_auto_at_the_first_seed_and_tests_the_rest_at_its_pick(tmp_path, monkeypatch):
+    task = quality.TASKS["shakespeare"]
+    grids = {"sparsegrad": {3e-4: 30.0, 1e-3: 25.0, 3e-3: 27.0}, "lora": {3e-4: 26.0, 1e-3: 28.0, 3e-3: 40.0}}
+    execute, seen = _fake_cli(grids, {"sparsegrad": 24.0, "lora": 25.0, "full": 26.0})
+    monkeypatch.setattr(quality, "execute", execute)
+    opts = quality.parse_args(["--tasks", "shakespeare", "--methods", "sparsegrad", "lora", "full", "--seeds", "0",
+                               "1", "--row-grid-steps", "full=0", "--steps", "8", "--test", "50",
+                               "--max-train", "64", "--out", str(tmp_path)])
+    s = quality.benchmark(task, "mlp", opts, "python benchmarks/quality.py ...")
+    argv = {(r.row, r.seed): r.args for r in seen}
+    assert len(seen) == 6 and [r.seed for r in seen[:2]] == [0, 0]  # the two choosers ran first
+    for (row, seed), args in argv.items():
+        assert args[args.index("--task") + 1] == "shakespeare" and "--eval-file" not in args
+        assert args[args.index("--val-fraction") + 1] == "0.1" and args[args.index("--max-eval") + 1] == "50"
+    assert argv[("sparsegrad", 0)][argv[("sparsegrad", 0)].index("--lr") + 1] == "auto"
+    assert argv[("sparsegrad", 1)][argv[("sparsegrad", 1)].index("--lr") + 1] == "0.001"  # the seed-0 pick
+    assert argv[("lora", 1)][argv[("lora", 1)].index("--lr") + 1] == "0.0003"
+    from sparsegrad.finetune.methods import default_lr
+
+    full_lr = default_lr("full", "mlp", "causal-lm")
+    assert [a[a.index("--lr") + 1] for (row, _), a in argv.items() if row == "full"] == [f"{full_lr:g}"] * 2
+    assert {row: r["lr"] for row, r in s["rows"].items()} == {"sparsegrad": 1e-3, "lora": 3e-4, "full": full_lr}
+    assert s["rows"]["sparsegrad"]["per_seed"]["eval_perplexity"] == {0: 24.0, 1: 24.1}
+    assert s["winner"]["row"] == "sparsegrad" and s["paired"]["sparsegrad - lora"]["mean"] == pytest.approx(-1.0)
+    text = (tmp_path / "shakespeare-mlp" / "results.md").read_text()
+    assert "| sparsegrad | 0.001 | 3.2189 | 25.0000 | **yes** |" in text  # the --lr auto record, log(25) = 3.2189
+    assert "| lora | 0.001 | 3.3322 | 28.0000 |  |" in text and "| full | " + f"{full_lr:g}" + " | no grid |" in text
+    assert "lower is better" in text and "`--task shakespeare` held-out regions" in text
+    assert f"| full | {full_lr:g} (default) | 2 |" in text and "| sparsegrad | 0.001 | 2 |" in text
+    assert (tmp_path / "shakespeare-mlp" / "quality.png").stat().st_size > 0
+
+
+def test_a_grid_size_lr_auto_cannot_run_is_refused(capsys):
+    with pytest.raises(SystemExit) as exc:
+        quality.parse_args(["--tasks", "shakespeare", "--lr-grid-steps", "5"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "shakespeare chooses its rate with the product's --lr auto" in err
+    assert quality.parse_args(["--tasks", "bbc", "--lr-grid-steps", "5"]).lr_grid_steps == 5
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_lr_auto_probes_never_evaluate_the_held_out_regions(tmp_path, monkeypatch):
+    """The held-out (test) regions of --task shakespeare are read once, after --lr auto has picked its rate."""
+    from helpers import CAUSAL_LM, chat_tokenizer, tiny_model_dir
+
+    from sparsegrad.finetune import loop, lr_search
+    from sparsegrad.finetune.tasks.causal_lm import CausalLMTask
+    from sparsegrad.finetune.train import finetune
+
+    events = []
+    evaluate, search = CausalLMTask.evaluate, lr_search.search
+    monkeypatch.setattr(CausalLMTask, "evaluate", lambda self, model: (events.append("test"), evaluate(self, model))[1])
+
+    def watched_search(cfg, run_probe, log=print):
+        result = search(cfg, lambda c: (events.append("probe"), run_probe(c))[1], log)
+        events.append("picked")
+        return result
+
+    monkeypatch.setattr(loop.lr_search, "search", watched_search)
+    model = tiny_model_dir(CAUSAL_LM, tmp_path / "model", tokenizer=chat_tokenizer())
+    m = finetune(model=str(model), task="shakespeare", lr_auto=True, val_fraction=0.25, max_length=32, batch_size=2,
+                 max_steps=4, max_train=12, max_eval=4, every_nth_block=3, output_dir=str(tmp_path / "run"),
+                 progress=False, verbose=False, density=0.05)
+    assert events == ["probe", "probe", "probe", "picked", "test"]
+    assert m["lr"] == m["lr_search"]["picked_lr"] and m["eval_perplexity"] > 0

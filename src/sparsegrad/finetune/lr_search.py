@@ -28,6 +28,13 @@ PROBE_SHARE = 4
 RECORD_FILE = "lr_search.json"
 METRIC_TIE = 0.005
 """Validation metrics this close tie (one row in 200): the lower validation loss then decides."""
+LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
+"""Metric names (without a ``val_`` / ``eval_`` prefix) where the smaller value is the better one."""
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether the smaller value of ``metric`` (``loss``, ``val_perplexity``, ``eval_accuracy``, ...) is better."""
+    return metric.removeprefix("val_").removeprefix("eval_") in LOWER_IS_BETTER
 
 
 def probe_steps(total_steps: int) -> int:
@@ -57,14 +64,15 @@ def _finite(x: Any) -> bool:
 
 
 def pick(points: list[dict[str, Any]], metric: str, loss: str, tie: float = METRIC_TIE) -> dict[str, Any] | None:
-    """The point with the highest ``metric`` (the lowest when ``metric`` is ``loss``); points within ``tie`` of the
-    best tie, and the lowest ``loss``, then the lowest ``lr``, wins among them. Points without a finite metric are
+    """The point with the highest ``metric``; points within ``tie`` of the best tie, and the lowest ``loss``, then
+    the lowest ``lr``, wins among them. A lower-is-better ``metric`` (a loss or a perplexity, `lower_is_better`):
+    the lowest value, with no tie band (then the lowest ``loss``, then ``lr``). Points without a finite metric are
     never picked; None when no point has one. Shared by ``--lr auto`` and benchmarks/quality.py."""
     usable = [p for p in points if _finite(p.get(metric))]
     if not usable:
         return None
-    if metric == loss:
-        return min(usable, key=lambda p: (p[loss], p["lr"]))
+    if lower_is_better(metric):
+        return min(usable, key=lambda p: (p[metric], p[loss] if _finite(p.get(loss)) else math.inf, p["lr"]))
     best = max(p[metric] for p in usable)
     tied = [p for p in usable if best - p[metric] <= tie + 1e-12]  # 1e-12: 0.940 - 0.935 is 0.00500000001
     return min(tied, key=lambda p: (p[loss] if _finite(p.get(loss)) else math.inf, p["lr"]))
