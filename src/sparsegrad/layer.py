@@ -49,6 +49,9 @@ def index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
 
 
+_TOPK_BLOCK = 8  # entries per block of `topk_candidates`' first pass
+
+
 def topk_candidates(scores: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """Per row of ``scores`` (the last dimension; a 1-D tensor is one row): indices of ``k`` entries of largest
     magnitude (unsorted) without a host sync, with ``tie`` (true when a tie straddles the cut, so the set is not
@@ -59,8 +62,17 @@ def topk_candidates(scores: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     if k >= n:
         every = torch.arange(n, device=magnitude.device).expand(*rows, n)
         return every, torch.zeros(rows, dtype=torch.bool, device=magnitude.device), magnitude.amax(-1)
-    values, indices = magnitude.topk(k + 1, dim=-1)  # descending: the cut is between columns k - 1 and k
-    return indices[..., :k], values[..., k - 1] == values[..., k], values[..., 0]
+    if n % _TOPK_BLOCK or 2 * (k + 1) * _TOPK_BLOCK > n:
+        values, indices = magnitude.topk(k + 1, dim=-1)  # descending: the cut is between columns k - 1 and k
+        return indices[..., :k], values[..., k - 1] == values[..., k], values[..., 0]
+    # The k + 1 largest entries lie in the k + 1 blocks of largest maxima (an entry outside them is at most the
+    # (k + 1)-th largest block maximum, and those k + 1 maxima are entries): two top-k's of about n / 8 and 8k
+    # entries instead of one over n, whose CPU kernel takes its slow heap path when 64k <= n (1.5x faster on real
+    # MiniLM gradients, 6 x 1536·384 entries: 20-30 -> 15-18 ms, one thread). The same values and cut.
+    _, blocks = magnitude.view(*rows, n // _TOPK_BLOCK, _TOPK_BLOCK).amax(-1).topk(k + 1, dim=-1, sorted=False)
+    candidates = (blocks[..., None] * _TOPK_BLOCK + _row_edges(_TOPK_BLOCK - 1, blocks)).flatten(-2)
+    values, at = magnitude.gather(-1, candidates).topk(k + 1, dim=-1)
+    return candidates.gather(-1, at[..., :k]), values[..., k - 1] == values[..., k], values[..., 0]
 
 
 def topk_indices(scores: Tensor, k: int) -> Tensor:
