@@ -6,10 +6,13 @@ that peak memory is honest): median step time, steps/s, peak memory, exact train
     python benchmarks/e2e_step.py --table runs.jsonl     # markdown table of such JSON lines, ratios per scope
     for m in full lora meprop sparsegrad sparsegrad-fixed; do python benchmarks/e2e_step.py --method $m; done
     python benchmarks/e2e_step.py --interleave full,lora,meprop,sparsegrad,sparsegrad-fixed --steps 7   # time ratios
+    python benchmarks/e2e_step.py --interleave full,meprop,sparsegrad --threads 1 --cpu-time    # the work, per phase
 
 ``--interleave``: every method's model in this one process, timed round by round (each round runs one step of
 each method on the same batch, in train mode); prints each method's median of the per-round ratios to full, the
-median step and the load average (no memory: run one method per process for that).
+median step, each phase's median (forward, backward, optimizer step, zero_grad; in units of full's median step)
+and the load average (no memory: run one method per process for that). ``--threads 1 --cpu-time`` times the
+thread's CPU time instead of wall time: on a shared machine that measures the work, not the waits.
 
 Models run in train mode (dropout on, as in training). Peak memory: `torch.cuda.max_memory_allocated` on CUDA, peak RSS (ru_maxrss) on CPU. Tokens are random ids (time
 and memory do not depend on the text), every row full length (no padding). Scope `mlp` unless --train-scope all.
@@ -90,27 +93,55 @@ def prepare(model, name: str, args, batch):
                           calibration_batches=[batch() for _ in range(2)], calibration_steps=2)
 
 
+PHASES = ("forward", "backward", "step", "zero_grad")
+
+
+def phased_step(model, opt, b, clock) -> dict[str, float]:
+    """One training step's phases, timed by ``clock``: forward (a fixed support's rebuild included), backward,
+    optimizer step, zero_grad."""
+    t0 = clock()
+    loss = model(**b).loss
+    t1 = clock()
+    loss.backward()
+    t2 = clock()
+    opt.step()
+    t3 = clock()
+    opt.zero_grad(set_to_none=True)
+    t4 = clock()
+    return dict(zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)))
+
+
 def interleaved(args, batch, device) -> None:
     import os
 
     names = args.interleave.split(",")
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     runs = {}
     for name in names:
         model = prepare(build_model(args.model, 2).to(device), name, args, batch).model.train()
         runs[name] = (model, sg.create_optimizer(model, lr=1e-4), [])
     for rnd in range(args.warmup + args.steps):
         b = batch()
-        for model, opt, times in runs.values():
-            elapsed, _ = timed_step(model, opt, b, device)
+        for model, opt, rounds in runs.values():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            phases = phased_step(model, opt, b, clock)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             if rnd >= args.warmup:
-                times.append(elapsed)
-    ref = runs[names[0]][2]
-    for name, (_, _, times) in runs.items():
+                rounds.append(phases)
+    ref = [sum(r.values()) for r in runs[names[0]][2]]
+    unit = statistics.median(ref)
+    for name, (_, _, rounds) in runs.items():
+        times = [sum(r.values()) for r in rounds]
         ratios = [t / r for t, r in zip(times, ref)]
+        # each phase's median in units of the reference method's median step (they need not add up to the ratio)
+        phases = {p: round(statistics.median(r[p] for r in rounds) / unit, 3) for p in PHASES}
         print(json.dumps({"method": name, "vs": names[0], "median_ratio": round(statistics.median(ratios), 3),
                           "ratios": [round(r, 2) for r in ratios], "median_step_s": round(statistics.median(times), 3),
-                          "batch": f"{args.batch_size}x{args.length}", "scope": args.train_scope,
-                          "loadavg": os.getloadavg()}))
+                          "phases_of_ref_step": phases, "clock": "thread CPU" if args.cpu_time else "wall",
+                          "threads": torch.get_num_threads(), "batch": f"{args.batch_size}x{args.length}",
+                          "scope": args.train_scope, "loadavg": os.getloadavg()}))
 
 
 def main() -> None:
@@ -129,7 +160,12 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators of 3 steps")
     p.add_argument("--table", metavar="JSONL", help="print the markdown table of earlier runs' JSON lines, and stop")
     p.add_argument("--interleave", metavar="METHODS", help="comma-separated methods timed in interleaved rounds")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--cpu-time", action="store_true", help="--interleave: time by this thread's CPU time (with "
+                   "--threads 1: the work itself, steady on a shared machine) instead of wall time")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.table:
         table(args.table)
         return

@@ -366,3 +366,55 @@ def test_a_stack_staggers_its_exact_rebuilds():
                                           *layer._rotation())
                 assert torch.equal(layer.weight.detach(), exact)
     assert rebuilt == {j: [sg.optim.EXACT_REBUILD_EVERY - j] for j in range(3)}
+
+
+def test_two_pass_top_k_picks_the_sorted_set_with_its_cut_and_maximum():
+    """`topk_candidates` (top blocks by their maxima, then their entries) against an independent sort: the same set
+    where no tie straddles the cut, the same tie flag and the same largest magnitude, NaN and inf included."""
+    from sparsegrad.layer import topk_candidates
+
+    g = torch.Generator().manual_seed(3)
+    for trial in range(60):
+        n = 8 * int(torch.randint(8, 120, (1,), generator=g))
+        k = int(torch.randint(1, n // 16, (1,), generator=g))
+        rows = torch.randint(-4, 5, (3, n), generator=g).float() if trial % 2 else torch.randn(3, n, generator=g)
+        if trial % 5 == 0:
+            rows[1, int(torch.randint(0, n, (1,), generator=g))] = float("nan" if trial % 10 else "inf")
+        idx, tie, top = topk_candidates(rows, k)
+        for r in range(3):
+            mags = [(math.inf if math.isnan(v) else abs(v)) for v in rows[r].tolist()]
+            order = sorted(range(n), key=lambda j: (-mags[j], j))
+            assert bool(tie[r]) == (mags[order[k - 1]] == mags[order[k]])
+            expected_top = rows[r].abs().max() if not rows[r].isnan().any() else torch.tensor(float("nan"))
+            torch.testing.assert_close(top[r], expected_top, equal_nan=True)
+            if not tie[r]:
+                assert sorted(idx[r].tolist()) == sorted(order[:k])
+
+
+@pytest.mark.parametrize("shape", [(12, 8), (8, 12)])
+def test_sparse_first_products_match_float64_in_either_basis_layout(shape):
+    """The exact rebuild and the stacked increment (embedding_bag over the transposed basis) against float64 dense
+    products, with column-major bases (as layers store them) and row-major ones."""
+    from sparsegrad.layer import add_increments, column_major, increment_order_key, rotated_to_weight
+
+    o, i = shape
+    torch.manual_seed(0)
+    u_out, u_in = torch.linalg.qr(torch.randn(o, o))[0], torch.linalg.qr(torch.randn(i, i))[0]
+    idx = torch.randperm(o * i)[:5].sort().values.int()
+    vals = torch.randn(5)
+    dense = torch.zeros(o * i, dtype=torch.float64)
+    dense[idx.long()] = vals.double()
+    expected = u_out.double() @ dense.view(o, i) @ u_in.double().T
+    for a, b in ((column_major(u_out), column_major(u_in)), (u_out.contiguous(), u_in.contiguous())):
+        torch.testing.assert_close(rotated_to_weight(idx, vals, a, b, shape).double(), expected, rtol=0, atol=1e-6)
+        stacked = torch.stack([idx, torch.randperm(o * i)[:5].int()])
+        stacked = stacked.gather(1, increment_order_key(stacked, shape).sort(dim=1).indices)
+        changes = torch.randn(2, 5)
+        weights = [torch.zeros(o, i), torch.zeros(o, i)]
+        add_increments(weights, stacked, changes, [a, a], [b, b], shape)
+        for w, ix, ch in zip(weights, stacked, changes):
+            d = torch.zeros(o * i, dtype=torch.float64)
+            d[ix.long()] = ch.double()
+            torch.testing.assert_close(w.double(), u_out.double() @ d.view(o, i) @ u_in.double().T, rtol=0, atol=1e-6)
+    _, layer, _, _ = make_pair()
+    assert layer.u_out.mT.is_contiguous() and layer.u_in.mT.is_contiguous()  # the sparse products' fast layout

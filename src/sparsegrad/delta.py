@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .layer import SparseGradLinear
+from .layer import SparseGradLinear, column_major
 from .model import sparsegrad_layers
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -153,11 +153,12 @@ def restore_delta(model: nn.Module, tensors: Mapping[str, torch.Tensor], where: 
 
 def _set_bases(layers: Mapping[str, SparseGradLinear],
                bases: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """The bases are non-persistent buffers shared by the layers of a kind (one fp32 copy per kind and device)."""
+    """The bases are non-persistent buffers shared by the layers of a kind (one fp32 column-major copy per kind and
+    device, as conversion makes them: `column_major`)."""
     shared: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
     for layer in layers.values():
         key = (layer.kind, layer.u_out.device)
         if key not in shared:
             u_out, u_in = bases[layer.kind]
-            shared[key] = (u_out.to(key[1], torch.float32).contiguous(), u_in.to(key[1], torch.float32).contiguous())
+            shared[key] = (column_major(u_out.to(key[1], torch.float32)), column_major(u_in.to(key[1], torch.float32)))
         layer.u_out, layer.u_in = shared[key]

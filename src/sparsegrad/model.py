@@ -8,7 +8,7 @@ from torch import nn
 from .bases import SparseGradBases
 from .config import SparseGradConfig
 from .experts import ExpertView, fuse_trained, selected_experts, unfuse, unfused_modules
-from .layer import SparseGradLinear
+from .layer import SparseGradLinear, column_major
 from .matrices import LinearView, convert, restore
 from .targets import find_targets, kind_of, mlp_kinds, resolve
 
@@ -31,10 +31,11 @@ def sparsegrad_layers(model: nn.Module) -> dict[str, SparseGradLinear]:
 
 def _bases_on(bases: SparseGradBases, kind: str, device: torch.device,
               cache: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The bases of ``kind`` on ``device`` in fp32: one copy per kind and device, shared by the blocks of a kind."""
+    """The bases of ``kind`` on ``device`` in fp32, column-major (`column_major`): one copy per kind and device,
+    shared by the blocks of a kind."""
     if (kind, device) not in cache:
         u_out, u_in = bases.get(kind)
-        cache[(kind, device)] = (u_out.to(device, torch.float32).contiguous(), u_in.to(device, torch.float32).contiguous())
+        cache[(kind, device)] = (column_major(u_out.to(device, torch.float32)), column_major(u_in.to(device, torch.float32)))
     return cache[(kind, device)]
 
 
