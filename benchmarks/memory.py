@@ -52,8 +52,8 @@ def _optimizer_tensors(opt) -> list:
     import torch
 
     tensors = [v for entry in opt.state.values() for v in entry.values() if isinstance(v, torch.Tensor)]
-    for support in getattr(opt, "_supports", {}).values():
-        tensors += [support.pos_map, *support.buffers.values()]
+    for stack in getattr(opt, "_stacks", {}).values():
+        tensors += [stack.pos_map.table, stack.indices, stack.slots]
     return tensors
 
 
