@@ -8,6 +8,7 @@ from torch import nn
 from .bases import SparseGradBases
 from .config import SparseGradConfig
 from .experts import ExpertView, fuse_trained, selected_experts, unfuse, unfused_modules
+from .file_base import FileBase, parameter_names, weight_files
 from .layer import SparseGradLinear
 from .matrices import LinearView, convert, restore
 from .targets import find_targets, kind_of, mlp_kinds, resolve
@@ -106,6 +107,7 @@ def get_sparsegrad_model(model: nn.Module, config: SparseGradConfig, bases: Spar
     for module, pnames in selected_experts(model, [n for n, t in targets if isinstance(t, ExpertView)]).items():
         unfuse(module, pnames)  # per-expert linears over the fused tensor; each is converted below
     on_device: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+    files = weight_files(model)  # W0 stays in the checkpoint's file where it is bit for bit the live weight
     for name, target, kind, k in plans:
         u_out, u_in = _bases_on(bases, kind, target.weight.device, on_device)
         fixed = bases.fixed_supports.get(name) if config.support == "fixed" else None
@@ -113,6 +115,9 @@ def get_sparsegrad_model(model: nn.Module, config: SparseGradConfig, bases: Spar
             fixed = None  # calibrated for another budget: choose from the first step instead
         layer = convert(_matrix_module(model, name, target), u_out, u_in, k=k, support=config.support, kind=kind,
                         identity_basis=bases.identity, fixed_indices=fixed)
+        source = FileBase.matching(files, parameter_names(model, name), layer.weight) if files else None
+        if source is not None:
+            layer.keep_base_in_file(source)
         _set_submodule(model, name, layer)
     if not keep_requires_grad:
         _train_only_adapter(model, config)

@@ -1,0 +1,98 @@
+"""`FileBase`: a SparseGrad layer's frozen pretrained weight W0 left in the model's safetensors file, not in memory.
+
+A layer needs W0 only to rebuild its effective weight exactly (every few steps, at save, fold, merge, state_dict).
+When the model was loaded from safetensors files and a matrix's tensor in the file is bit for bit the live weight at
+conversion (after the cast to the model's dtype), the layer re-reads it from the file at each rebuild instead of
+holding a second copy of every converted matrix. Otherwise (a model built in memory or changed after loading, a
+transposed Conv1D weight, an unfused expert, a name the file does not hold) the layer keeps its copy as before.
+
+The file must not change while the model is in use: each read checks the file's identity (device, inode, size,
+modification time) against the one seen at conversion and refuses, naming the file, when it differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+_SINGLE, _INDEX = "model.safetensors", "model.safetensors.index.json"
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.detach().contiguous().view(torch.uint8), b.detach().contiguous().view(torch.uint8))
+
+
+def weight_files(model: nn.Module) -> dict[str, Path]:
+    """Tensor name -> safetensors file, of the checkpoint directory the model was loaded from (transformers'
+    ``config._name_or_path``); empty when there is none."""
+    where = getattr(getattr(model, "config", None), "_name_or_path", None)
+    folder = Path(where) if isinstance(where, (str, os.PathLike)) and str(where) else None
+    if folder is None or not folder.is_dir():
+        return {}
+    folder = folder.resolve()
+    try:
+        if (folder / _INDEX).is_file():
+            weight_map = json.loads((folder / _INDEX).read_text())["weight_map"]
+            return {key: folder / name for key, name in weight_map.items()}
+        if (folder / _SINGLE).is_file():
+            with safe_open(str(folder / _SINGLE), framework="pt") as f:
+                return dict.fromkeys(f.keys(), folder / _SINGLE)
+    except (OSError, ValueError, KeyError, TypeError):  # an unreadable checkpoint: keep every W0 in memory
+        return {}
+    return {}
+
+
+class FileBase:
+    """Where a layer's W0 lies: tensor ``key`` of the safetensors file ``path``, as the file was at conversion."""
+
+    def __init__(self, path: Path, key: str):
+        self.path, self.key = path, key
+        self.identity = _identity(path)
+
+    @classmethod
+    def matching(cls, files: dict[str, Path], names: list[str], live: Tensor) -> FileBase | None:
+        """The first of ``names`` whose tensor in ``files`` equals ``live`` bit for bit once cast to its dtype."""
+        for name in names:
+            if name in files:
+                try:
+                    found = cls(files[name], name)
+                    if _same_bits(found.read(live.device, live.dtype), live):
+                        return found
+                except (OSError, ValueError, RuntimeError):  # unreadable or odd tensor: not this one
+                    continue
+        return None
+
+    def read(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """W0 as a fresh tensor on ``device`` in ``dtype``."""
+        try:
+            unchanged = _identity(self.path) == self.identity
+        except OSError:
+            unchanged = False
+        if not unchanged:
+            raise ValueError(f"the model file {self.path} changed since the model was converted to SparseGrad; the "
+                             f"pretrained weight {self.key} is re-read from it: restore the file")
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(self.key).to(device=device, dtype=dtype)
+
+
+def parameter_names(model: nn.Module, name: str) -> list[str]:
+    """The names the checkpoint may give module ``name``'s weight: as in the model, without the model's
+    ``base_model_prefix`` (a base model's checkpoint loaded under a task head), or with it."""
+    full, prefix = f"{name}.weight", getattr(model, "base_model_prefix", "") or ""
+    names = [full]
+    if prefix and full.startswith(prefix + "."):
+        names.append(full[len(prefix) + 1:])
+    elif prefix:
+        names.append(f"{prefix}.{full}")
+    return names
