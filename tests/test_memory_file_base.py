@@ -120,3 +120,33 @@ def test_a_state_dict_loads_into_models_with_w0_held_or_in_the_file(checkpoint):
     assert _held(fresh) == [True, False, False, False]
     assert torch.equal(fresh.state_dict()[f"{name}.base_weight"], other[f"{name}.base_weight"])
 
+
+def _mapped(path) -> bool:
+    with open("/proc/self/maps") as f:
+        return any(line.rstrip().endswith(str(path)) for line in f)
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
+def test_the_checkpoint_mapping_is_let_go_and_tied_weights_stay_tied(tmp_path):
+    import gc
+
+    from transformers import AutoModelForCausalLM
+
+    from conftest import llama_batches
+    from helpers import CAUSAL_LM, tiny_model
+
+    tiny_model(CAUSAL_LM, seed=2, tie_word_embeddings=True).save_pretrained(str(tmp_path / "lm"))
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "lm")).eval()
+    batch = llama_batches(1, seed=4)[0]
+    with torch.no_grad():
+        expected = model(**batch).logits
+    file = (tmp_path / "lm" / "model.safetensors").resolve()
+    if not _mapped(file):
+        pytest.skip("transformers did not map the checkpoint into memory")
+    cfg = sg.SparseGradConfig(target_modules=sg.LLAMA_MLP_TARGETS, density=0.05)
+    sg.get_sparsegrad_model(model, cfg, sg.estimate_bases(model, cfg, llama_batches(2), progress=False))
+    gc.collect()
+    assert not _held(model)[0] and not _mapped(file)  # W0 in the file, and no page of its mapping resident
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, expected)

@@ -73,6 +73,27 @@ def _matrix_module(model: nn.Module, name: str, target: object) -> nn.Module:
     return target.source if isinstance(target, LinearView) else target
 
 
+@torch.no_grad()
+def _release_checkpoint_mapping(model: nn.Module) -> None:
+    """Give every tensor of the model outside its SparseGrad layers a storage of its own. transformers maps the
+    checkpoint file into memory and its tensors keep the whole mapping alive, so the pages of the converted
+    matrices (read at conversion, then referenced by nothing) would stay resident beside the layers' own weights:
+    copied off the mapping, the other tensors let it go (RSS: the converted matrices' pages; the copies replace
+    the pages they were)."""
+    made = {id(t) for layer in sparsegrad_layers(model).values()  # by the conversion (the bases shared by a kind)
+            for t in (layer.weight, *layer._buffers.values())}
+    for p in model.parameters():  # each Parameter once (tied ones are one object), the same object after
+        if id(p) not in made:
+            p.data = p.data.clone()
+    copies: dict[int, torch.Tensor] = {}  # a buffer shared by modules stays shared
+    for module in model.modules():
+        for name, b in module._buffers.items():
+            if b is not None and id(b) not in made:
+                if id(b) not in copies:
+                    copies[id(b)] = b.clone()
+                module._buffers[name] = copies[id(b)]
+
+
 def get_sparsegrad_model(model: nn.Module, config: SparseGradConfig, bases: SparseGradBases, *,
                          keep_requires_grad: bool = False) -> nn.Module:
     """Swap, in place, every matrix the config selects (``target_modules=None``: the model's MLP, see
@@ -119,6 +140,8 @@ def get_sparsegrad_model(model: nn.Module, config: SparseGradConfig, bases: Spar
         if source is not None:
             layer.keep_base_in_file(source)
         _set_submodule(model, name, layer)
+    if any(layer._file_base is not None for layer in sparsegrad_layers(model).values()):
+        _release_checkpoint_mapping(model)
     if not keep_requires_grad:
         _train_only_adapter(model, config)
     setattr(model, CONFIG_ATTR, config)
