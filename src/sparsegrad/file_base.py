@@ -28,7 +28,8 @@ def _identity(path: Path) -> tuple[int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def _same_bits(a: Tensor, b: Tensor) -> bool:
+def same_bits(a: Tensor, b: Tensor) -> bool:
+    """Equal bit for bit (NaN and -0.0 included), in the same dtype and shape."""
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
         a.detach().contiguous().view(torch.uint8), b.detach().contiguous().view(torch.uint8))
 
@@ -67,7 +68,7 @@ class FileBase:
             if name in files:
                 try:
                     found = cls(files[name], name)
-                    if _same_bits(found.read(live.device, live.dtype), live):
+                    if same_bits(found.read(live.device, live.dtype), live):
                         return found
                 except (OSError, ValueError, RuntimeError):  # unreadable or odd tensor: not this one
                     continue

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .file_base import FileBase
+from .file_base import FileBase, same_bits
 from .support_gradient import SupportGradient
 
 
@@ -644,8 +644,7 @@ class SparseGradLinear(nn.Module):
         incoming = state_dict.get(key)
         if self._file_base is None or incoming is None:
             return
-        if incoming.shape == self.weight.shape and torch.equal(  # bit for bit (NaN and -0.0 included)
-                self._base().contiguous().view(torch.uint8), incoming.to(self.weight.dtype).contiguous().view(torch.uint8)):
+        if same_bits(self._base(), incoming.to(self.weight.dtype)):
             del state_dict[key]
         else:
             self._store_base(torch.empty_like(self.weight))

@@ -270,8 +270,9 @@ def _nbytes(t: torch.Tensor) -> int:
 def training_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
     """Exact bytes of training state: parameters that train, their gradients (as they are now: call it after
     backward and before zero_grad), the optimizer's state tensors, and ``bookkeeping``: what SparseGrad holds for
-    training besides those (a dynamic layer's dense int32 position map, 4 bytes per weight entry, and its buffers'
-    spare capacity; the increment journal; a fixed support's gradient plan).
+    training besides those (a dynamic layer's dense position map, 2 bytes per weight entry while its support holds
+    at most 65,535 entries, else 4, and its buffers' spare capacity; the increment journal; a fixed support's
+    gradient plan). The frozen W0 is not training state (LoRA's is not either), held or left in the checkpoint file.
 
     For a SparseGrad layer what trains is its delta (values and indices), not the effective weight it keeps
     merged for the forward; a dynamic layer's dense weight gradient is counted as a gradient.
