@@ -224,8 +224,8 @@ def main() -> None:
     p.add_argument("--jsonl", help="also append each child's JSON line here")
     p.add_argument("--table", metavar="JSONL", help="print the table of earlier runs' JSON lines (the last run of each "
                                                     "method and scope), and stop")
-    p.add_argument("--trace", metavar="METHOD", help="print RSS at every block's forward and backward hook of the "
-                                                    "last step of METHOD (first of --scopes), in this process, and stop")
+    p.add_argument("--trace", metavar="METHOD", help="print RSS at every block's forward and backward hook of "
+                                                    "the last step of METHOD (first of --scopes), here, and stop")
     p.add_argument("--w0-read", action="store_true", help="time an exact rebuild with W0 held vs re-read from the "
                                                           "checkpoint file, and stop")
     p.add_argument("--child", nargs=2, metavar=("METHOD", "SCOPE"), help=argparse.SUPPRESS)
