@@ -96,6 +96,9 @@ def test_a_checkpoint_rewritten_under_a_converted_model_is_refused_by_name(check
     layer = next(iter(sg.sparsegrad_layers(model).values()))
     with pytest.raises(ValueError, match=r"model file .*model\.safetensors changed since"):
         layer.sync_weight(force=True)
+    (checkpoint / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"model file .*model\.safetensors is gone since"):
+        layer.sync_weight(force=True)
 
 
 def test_a_state_dict_loads_into_models_with_w0_held_or_in_the_file(checkpoint):

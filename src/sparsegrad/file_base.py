@@ -77,11 +77,11 @@ class FileBase:
     def read(self, device: torch.device, dtype: torch.dtype) -> Tensor:
         """W0 as a fresh tensor on ``device`` in ``dtype``."""
         try:
-            unchanged = _identity(self.path) == self.identity
+            state = "changed" if _identity(self.path) != self.identity else None
         except OSError:
-            unchanged = False
-        if not unchanged:
-            raise ValueError(f"the model file {self.path} changed since the model was converted to SparseGrad; the "
+            state = "is gone"
+        if state:
+            raise ValueError(f"the model file {self.path} {state} since the model was converted to SparseGrad; the "
                              f"pretrained weight {self.key} is re-read from it: restore the file")
         with safe_open(str(self.path), framework="pt") as f:
             return f.get_tensor(self.key).to(device=device, dtype=dtype)
