@@ -14,13 +14,21 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 
 _SINGLE, _INDEX = "model.safetensors", "model.safetensors.index.json"
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _header(path: Path) -> tuple[int, dict]:
+    """(where the data starts, the JSON header) of a safetensors file: 8 bytes little-endian length, then JSON."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return 8 + size, json.loads(f.read(size))
 
 
 def _identity(path: Path) -> tuple[int, int, int, int]:
@@ -39,7 +47,7 @@ def weight_files(model: nn.Module) -> dict[str, Path]:
     ``config._name_or_path``); empty when there is none."""
     where = getattr(getattr(model, "config", None), "_name_or_path", None)
     folder = Path(where) if isinstance(where, (str, os.PathLike)) and str(where) else None
-    if folder is None or not folder.is_dir():
+    if folder is None or not folder.is_dir() or sys.byteorder != "little":  # safetensors data is little-endian
         return {}
     folder = folder.resolve()
     try:
@@ -47,8 +55,7 @@ def weight_files(model: nn.Module) -> dict[str, Path]:
             weight_map = json.loads((folder / _INDEX).read_text())["weight_map"]
             return {key: folder / name for key, name in weight_map.items()}
         if (folder / _SINGLE).is_file():
-            with safe_open(str(folder / _SINGLE), framework="pt") as f:
-                return dict.fromkeys(f.keys(), folder / _SINGLE)
+            return dict.fromkeys((k for k in _header(folder / _SINGLE)[1] if k != "__metadata__"), folder / _SINGLE)
     except (OSError, ValueError, KeyError, TypeError):  # an unreadable checkpoint: keep every W0 in memory
         return {}
     return {}
@@ -60,6 +67,10 @@ class FileBase:
     def __init__(self, path: Path, key: str):
         self.path, self.key = path, key
         self.identity = _identity(path)
+        start, header = _header(path)
+        begin, end = header[key]["data_offsets"]
+        self.offset, self.nbytes = start + begin, end - begin
+        self.dtype, self.shape = _DTYPES[header[key]["dtype"]], tuple(header[key]["shape"])
 
     @classmethod
     def matching(cls, files: dict[str, Path], names: list[str], live: Tensor) -> FileBase | None:
@@ -70,7 +81,7 @@ class FileBase:
                     found = cls(files[name], name)
                     if same_bits(found.read(live.device, live.dtype), live):
                         return found
-                except (OSError, ValueError, RuntimeError):  # unreadable or odd tensor: not this one
+                except (OSError, ValueError, RuntimeError, KeyError, TypeError):  # unreadable or odd: not this one
                     continue
         return None
 
@@ -83,8 +94,12 @@ class FileBase:
         if state:
             raise ValueError(f"the model file {self.path} {state} since the model was converted to SparseGrad; the "
                              f"pretrained weight {self.key} is re-read from it: restore the file")
-        with safe_open(str(self.path), framework="pt") as f:
-            return f.get_tensor(self.key).to(device=device, dtype=dtype)
+        data = bytearray(self.nbytes)  # read directly: safetensors' get_tensor reads a scalar back (a host sync)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            if f.readinto(data) != self.nbytes:
+                raise ValueError(f"the model file {self.path} is shorter than it was at conversion")
+        return torch.frombuffer(data, dtype=self.dtype).view(self.shape).to(device=device, dtype=dtype)
 
 
 def parameter_names(model: nn.Module, name: str) -> list[str]:
