@@ -83,12 +83,12 @@ def _release_checkpoint_mapping(model: nn.Module) -> None:
     made = {id(t) for layer in sparsegrad_layers(model).values()  # by the conversion (the bases shared by a kind)
             for t in (layer.weight, *layer._buffers.values())}
     for p in model.parameters():  # each Parameter once (tied ones are one object), the same object after
-        if id(p) not in made:
+        if id(p) not in made and p.device.type == "cpu":  # a mapping holds only CPU tensors
             p.data = p.data.clone()
     copies: dict[int, torch.Tensor] = {}  # a buffer shared by modules stays shared
     for module in model.modules():
         for name, b in module._buffers.items():
-            if b is not None and id(b) not in made:
+            if b is not None and id(b) not in made and b.device.type == "cpu":
                 if id(b) not in copies:
                     copies[id(b)] = b.clone()
                 module._buffers[name] = copies[id(b)]
@@ -136,7 +136,10 @@ def get_sparsegrad_model(model: nn.Module, config: SparseGradConfig, bases: Spar
             fixed = None  # calibrated for another budget: choose from the first step instead
         layer = convert(_matrix_module(model, name, target), u_out, u_in, k=k, support=config.support, kind=kind,
                         identity_basis=bases.identity, fixed_indices=fixed)
-        source = FileBase.matching(files, parameter_names(model, name), layer.weight) if files else None
+        # only where W0 is read rarely: a dynamic fp32 layer rebuilds exactly every few steps, while a fixed support
+        # or a bf16/fp16 weight rebuilds from W0 at every step (a whole re-read of the MLP each step)
+        rare = config.support == "dynamic" and layer.weight.dtype == torch.float32
+        source = FileBase.matching(files, parameter_names(model, name), layer.weight) if files and rare else None
         if source is not None:
             layer.keep_base_in_file(source)
         _set_submodule(model, name, layer)
