@@ -205,7 +205,7 @@ def test_deepcopy_and_state_dict_round_trip_keep_behaviour():
 
 
 def test_training_state_bytes_count_the_position_map_and_the_plans():
-    # A dynamic layer after one step holds a dense int32 position map (4 bytes per weight entry), append-only
+    # A dynamic layer after one step holds a dense int16 position map (2 bytes per weight entry), append-only
     # buffers of capacity 4k (indices int32, values and three fp32 state arrays: 20 bytes an entry) of which k are
     # in use (counted as params / optimizer state), and the journal of the step's increment (k int32 + k fp32).
     _, layer, _, _ = make_pair(out_f=40, in_f=30, bias=False, k=12)
@@ -213,7 +213,7 @@ def test_training_state_bytes_count_the_position_map_and_the_plans():
     layer(torch.randn(5, 30)).sum().backward()
     opt.step()
     counted = sg.training_state_bytes(nn.Sequential(layer), opt)
-    assert counted["bookkeeping"] == 4 * 40 * 30 + 3 * 12 * 20 + 12 * 8
+    assert counted["bookkeeping"] == 2 * 40 * 30 + 3 * 12 * 20 + 12 * 8
     assert counted["total"] == sum(v for key, v in counted.items() if key != "total")
     # A fixed support: its plan (touched rows and columns, patterns) is counted once a backward has made it.
     _, fixed, _, _ = make_pair(out_f=40, in_f=30, bias=False, support="fixed", k=12)

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .file_base import FileBase, same_bits
 from .support_gradient import SupportGradient
 
 
@@ -352,6 +353,7 @@ class SparseGradLinear(nn.Module):
         self._merged_key: tuple | None = None
         self._plan_key: tuple | None = None
         self._plan: SupportGradient | None = None  # the fixed support's gradient plan
+        self._file_base: FileBase | None = None  # where W0 lies when it is not held (`keep_base_in_file`)
         self._merged_key = self._delta_key()  # weight == base_weight holds for an empty delta
         if support == "dynamic":
             self._journal = {"indices": indices, "values": values, "steps": []}
@@ -363,7 +365,28 @@ class SparseGradLinear(nn.Module):
         # use `_stored_delta`, which does not sort.
         if name in _DELTA_NAMES and self.__dict__.get("_delta_unsorted", False):
             self._sort_delta()
+        if name == "base_weight" and self.__dict__.get("_file_base") is not None:
+            return self._base()
         return super().__getattr__(name)
+
+    def keep_base_in_file(self, source: FileBase) -> None:
+        """Drop the held copy of W0: it is re-read from ``source`` (bit for bit the same tensor) when needed."""
+        self._file_base = source
+        del self._buffers["base_weight"]
+
+    def _base(self) -> Tensor:
+        """W0: the held buffer, or a fresh read of the file it lies in (`FileBase`)."""
+        if self._file_base is None:
+            return self._buffers["base_weight"]
+        return self._file_base.read(self.weight.device, self.weight.dtype)
+
+    def _store_base(self, new: Tensor) -> None:
+        """Set W0 to ``new`` (a fold, a replay of folded segments, a differing state_dict): held from then on."""
+        if self._file_base is not None:
+            self._file_base = None
+            self._buffers = {"base_weight": new.detach().clone(), **self._buffers}  # first, where it was
+        else:
+            self._buffers["base_weight"].copy_(new)
 
     def _stored_delta(self) -> tuple[Tensor, Tensor]:
         """(indices, values) as stored, in the optimizer's append order while training."""
@@ -437,7 +460,7 @@ class SparseGradLinear(nn.Module):
         device = self.weight.device
         indices = journal["rebuilt_indices"].to(device, self.index_dtype)
         values = journal["rebuilt_values"].to(device, torch.float32)
-        self.weight.copy_(self._plus_delta(self.base_weight, indices, values, *self._rotation()))
+        self.weight.copy_(self._plus_delta(self._base(), indices, values, *self._rotation()))
         self._journal = {"indices": indices, "values": values, "steps": []}
         counts = journal["increment_counts"].tolist()
         for idx, change in zip(journal["increment_indices"].to(device, self.index_dtype).split(counts),
@@ -517,7 +540,7 @@ class SparseGradLinear(nn.Module):
         if self._delta_unsorted:  # a sorted copy: the storage keeps the optimizer's order (and its positions)
             order = torch.argsort(indices)
             indices, values = indices[order], values[order]
-        self.weight.copy_(self._plus_delta(self.base_weight, indices, values.detach(), *self._rotation()))
+        self.weight.copy_(self._plus_delta(self._base(), indices, values.detach(), *self._rotation()))
         self._merged_key = self._delta_key()
         self._weight_inexact = False
         if self.support == "dynamic":  # increments may follow: keep what they start from
@@ -542,7 +565,7 @@ class SparseGradLinear(nn.Module):
         indices = self.delta_indices.detach().cpu().clone()
         values = self.delta_values.detach().float().cpu().clone() if indices.numel() else torch.zeros(0)
         self.folded.append({"u_out": old_out, "u_in": old_in, "indices": indices, "values": values})
-        self.base_weight.copy_(self.weight)
+        self._store_base(self.weight)
         device = self.weight.device
         self.u_out = column_major(u_out.to(device, torch.float32))
         self.u_in = column_major(u_in.to(device, torch.float32))
@@ -564,7 +587,7 @@ class SparseGradLinear(nn.Module):
             values = seg["values"].to(device=device, dtype=torch.float32)
             u_out = column_major(seg["u_out"].to(device, torch.float32))  # the layout training's fold used
             u_in = column_major(seg["u_in"].to(device, torch.float32))
-            self.base_weight.copy_(self._plus_delta(self.base_weight, indices, values, u_out, u_in))
+            self._store_base(self._plus_delta(self._base(), indices, values, u_out, u_in))
             self.folded.append(seg)
         self.sync_weight(force=True)
 
@@ -614,6 +637,7 @@ class SparseGradLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        self._load_base(state_dict, prefix + "base_weight")
         # The delta's length is data (it grows in dynamic mode): take the incoming length before copying.
         for name in ("delta_indices", "delta_values"):
             incoming = state_dict.get(prefix + name)
@@ -629,6 +653,17 @@ class SparseGradLinear(nn.Module):
         self._delta_epoch = self.__dict__.get("_delta_epoch", 0) + 1
         self._delta_unsorted = self._weight_inexact = False
         self._sort_record = self._journal = None
+
+    def _load_base(self, state_dict, key: str) -> None:
+        """A state_dict's W0 for a layer whose W0 lies in a file: nothing to load when it is the file's tensor,
+        else held from now on (the buffer made here, filled by the ordinary load)."""
+        incoming = state_dict.get(key)
+        if self._file_base is None or incoming is None:
+            return
+        if same_bits(self._base(), incoming.to(self.weight.dtype)):
+            del state_dict[key]
+        else:
+            self._store_base(torch.empty_like(self.weight))
 
     def __getstate__(self):
         state = dict(super().__getstate__())
@@ -646,7 +681,15 @@ class SparseGradLinear(nn.Module):
         if self._delta_unsorted:
             self._sort_delta()
         self.sync_weight()  # sorted delta and the exact weight: what loading this state dict reproduces
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._file_base is None:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+            return
+        held = self._buffers  # W0 read back for the copy: the same keys, in the same order, as when it is held
+        self._buffers = {"base_weight": self._base(), **held}
+        try:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+        finally:
+            self._buffers = held
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear with the trained weight (the bias Parameter is shared, not copied)."""

@@ -8,6 +8,7 @@ from torch import nn
 from .bases import SparseGradBases
 from .config import SparseGradConfig
 from .experts import ExpertView, fuse_trained, selected_experts, unfuse, unfused_modules
+from .file_base import FileBase, parameter_names, weight_files
 from .layer import SparseGradLinear, column_major
 from .matrices import LinearView, convert, restore
 from .targets import find_targets, kind_of, mlp_kinds, resolve
@@ -73,6 +74,27 @@ def _matrix_module(model: nn.Module, name: str, target: object) -> nn.Module:
     return target.source if isinstance(target, LinearView) else target
 
 
+@torch.no_grad()
+def _release_checkpoint_mapping(model: nn.Module) -> None:
+    """Give every tensor of the model outside its SparseGrad layers a storage of its own. transformers maps the
+    checkpoint file into memory and its tensors keep the whole mapping alive, so the pages of the converted
+    matrices (read at conversion, then referenced by nothing) would stay resident beside the layers' own weights:
+    copied off the mapping, the other tensors let it go (RSS: the converted matrices' pages; the copies replace
+    the pages they were)."""
+    made = {id(t) for layer in sparsegrad_layers(model).values()  # by the conversion (the bases shared by a kind)
+            for t in (layer.weight, *layer._buffers.values())}
+    for p in model.parameters():  # each Parameter once (tied ones are one object), the same object after
+        if id(p) not in made and p.device.type == "cpu":  # a mapping holds only CPU tensors
+            p.data = p.data.clone()
+    copies: dict[int, torch.Tensor] = {}  # a buffer shared by modules stays shared
+    for module in model.modules():
+        for name, b in module._buffers.items():
+            if b is not None and id(b) not in made and b.device.type == "cpu":
+                if id(b) not in copies:
+                    copies[id(b)] = b.clone()
+                module._buffers[name] = copies[id(b)]
+
+
 def get_sparsegrad_model(model: nn.Module, config: SparseGradConfig, bases: SparseGradBases, *,
                          keep_requires_grad: bool = False) -> nn.Module:
     """Swap, in place, every matrix the config selects (``target_modules=None``: the model's MLP, see
@@ -107,6 +129,7 @@ def get_sparsegrad_model(model: nn.Module, config: SparseGradConfig, bases: Spar
     for module, pnames in selected_experts(model, [n for n, t in targets if isinstance(t, ExpertView)]).items():
         unfuse(module, pnames)  # per-expert linears over the fused tensor; each is converted below
     on_device: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+    files = weight_files(model)  # W0 stays in the checkpoint's file where it is bit for bit the live weight
     for name, target, kind, k in plans:
         u_out, u_in = _bases_on(bases, kind, target.weight.device, on_device)
         fixed = bases.fixed_supports.get(name) if config.support == "fixed" else None
@@ -114,7 +137,15 @@ def get_sparsegrad_model(model: nn.Module, config: SparseGradConfig, bases: Spar
             fixed = None  # calibrated for another budget: choose from the first step instead
         layer = convert(_matrix_module(model, name, target), u_out, u_in, k=k, support=config.support, kind=kind,
                         identity_basis=bases.identity, fixed_indices=fixed)
+        # only where W0 is read rarely: a dynamic fp32 layer rebuilds exactly every few steps, while a fixed support
+        # or a bf16/fp16 weight rebuilds from W0 at every step (a whole re-read of the MLP each step)
+        rare = config.support == "dynamic" and layer.weight.dtype == torch.float32
+        source = FileBase.matching(files, parameter_names(model, name), layer.weight) if files and rare else None
+        if source is not None:
+            layer.keep_base_in_file(source)
         _set_submodule(model, name, layer)
+    if any(layer._file_base is not None for layer in sparsegrad_layers(model).values()):
+        _release_checkpoint_mapping(model)
     if not keep_requires_grad:
         _train_only_adapter(model, config)
     setattr(model, CONFIG_ATTR, config)
@@ -243,8 +274,9 @@ def _nbytes(t: torch.Tensor) -> int:
 def training_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
     """Exact bytes of training state: parameters that train, their gradients (as they are now: call it after
     backward and before zero_grad), the optimizer's state tensors, and ``bookkeeping``: what SparseGrad holds for
-    training besides those (a dynamic layer's dense int32 position map, 4 bytes per weight entry, and its buffers'
-    spare capacity; the increment journal; a fixed support's gradient plan).
+    training besides those (a dynamic layer's dense position map, 2 bytes per weight entry while its support holds
+    at most 65,535 entries, else 4, and its buffers' spare capacity; the increment journal; a fixed support's
+    gradient plan). The frozen W0 is not training state (LoRA's is not either), held or left in the checkpoint file.
 
     For a SparseGrad layer what trains is its delta (values and indices), not the effective weight it keeps
     merged for the forward; a dynamic layer's dense weight gradient is counted as a gradient.

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .layer import SparseGradLinear, add_increments, increment_order_key, topk_candidates, topk_indices
 from .layerwise import enable_layerwise_step
+from .position_map import PositionMap
 
 
 def sparse_adam_update(
@@ -104,7 +105,8 @@ class _Stack:
     do) one sparse product for all L layers, so that the ops per matrix fall by about L (on a GPU each op is a
     kernel launch).
 
-    Per layer l: a row of a dense int32 position map over the out x in entries (-1 = absent) and a row of
+    Per layer l: a row of a dense position map over the out x in entries (`PositionMap`: int16 while a row holds
+    at most 65,535 entries, then int32) and a row of
     append-only, capacity-doubling buffers aligned with it (indices; values and Adam's moments and per-entry step
     counts in one float buffer). The layer's delta and its optimizer state are views of the first n[l] entries of
     its rows; `SparseGradAdamW` re-imports the stack when a layer's delta or state changed behind its back."""
@@ -121,13 +123,13 @@ class _Stack:
         stored = [layer._stored_delta() for layer in self.layers]
         self.n = [idx.numel() for idx, _ in stored]
         cap = max(max(self.n), 4 * self.k)
-        self.pos_map = torch.full((L, numel), -1, dtype=torch.int32, device=device)
+        self.pos_map = PositionMap(L, numel, max(self.n), device)
         self.indices = torch.zeros((L, cap), dtype=first.index_dtype, device=device)
         self.slots = torch.zeros((len(_SLOTS), L, cap), dtype=torch.float32, device=device)
         self.steps = torch.zeros(L, dtype=torch.float32)  # each layer's state["step"], on the host as torch keeps it
         for l, ((idx, vals), state) in enumerate(zip(stored, states)):
             n = self.n[l]
-            self.pos_map[l, idx.long()] = torch.arange(n, dtype=torch.int32, device=device)
+            self.pos_map.write(idx.long()[None], torch.arange(n, dtype=torch.int32, device=device)[None], row=l)
             self.indices[l, :n] = idx
             self.slots[0, l, :n] = vals.detach()
             for s, name in enumerate(_MOMENTS, 1):
@@ -186,7 +188,7 @@ class _Stack:
 
     def _positions(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         """Positions of ``idx`` in each row, new entries numbered from n[l] on; their count per row."""
-        pos = self.pos_map.gather(1, idx)
+        pos = self.pos_map.lookup(idx)
         new = pos < 0
         rank = new.cumsum(1, dtype=torch.int32)
         return torch.where(new, rank + self.last, pos), rank[:, -1]
@@ -207,7 +209,7 @@ class _Stack:
         pick["pos"] = pos.long()
         pick["stored"] = idx.to(self.indices.dtype)
         self.indices.scatter_(1, pick["pos"], pick["stored"])
-        self.pos_map.scatter_(1, idx, pos)
+        self.pos_map.write(idx, pos)
         self.last += pick["new"][:, None]
         self.n = [n + c for n, c in zip(self.n, counts)]
         self.steps += 1
@@ -215,6 +217,7 @@ class _Stack:
 
     def reserve(self, size: int) -> None:
         """Capacity for ``size`` entries per row (doubling, at least 4 steps' worth: appends cost O(k) amortised)."""
+        self.pos_map.reserve(size)
         cap = self.indices.shape[1]
         if size <= cap:
             return
@@ -346,11 +349,12 @@ class SparseGradAdamW(torch.optim.AdamW):
         return packed
 
     def bookkeeping_bytes(self) -> int:
-        """Bytes the sparse step holds outside ``self.state``: each dynamic layer's row of a stack's dense int32
-        position map (4 bytes per weight entry) and the spare capacity of its append-only buffers (`_Stack`)."""
+        """Bytes the sparse step holds outside ``self.state``: each dynamic layer's row of a stack's dense
+        position map (`PositionMap`: 2 bytes per weight entry while its support holds at most 65,535 entries, else 4)
+        and the spare capacity of its append-only buffers (`_Stack`)."""
         total = 0
         for stack in self._stacks.values():
-            total += stack.pos_map.numel() * stack.pos_map.element_size()
+            total += stack.pos_map.nbytes()
             per_entry = stack.indices.element_size() + len(_SLOTS) * stack.slots.element_size()
             total += sum(stack.indices.shape[1] - n for n in stack.n) * per_entry
         return total
