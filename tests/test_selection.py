@@ -136,6 +136,18 @@ def test_a_checkpoint_from_before_validation_still_resumes(assets, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- lr auto
+def test_a_stop_signal_during_an_lr_auto_probe_saves_nothing_to_resume(assets, tmp_path, monkeypatch):
+    """A probe's checkpoint would resume at the probe's rate and length: a signal during the search stops the run
+    with a line saying so, and leaves no checkpoint (a signal after the search still saves one, as before)."""
+    out = tmp_path / "auto"
+    monkeypatch.setenv("SPARSEGRAD_TEST_SIGNAL_AT_STEP", "1:TERM")  # step 1 of the first probe
+    with pytest.raises(TrainingInterrupted, match=r"SIGTERM during the learning-rate search .*probe at lr .*step 1 "
+                                                  r"of 2.*no checkpoint is saved for a probe") as stopped:
+        finetune(config(assets, out, lr_auto=True, method="lora", max_steps=8))
+    assert stopped.value.exit_code == 143 and stopped.value.checkpoint is None
+    assert latest_checkpoint(out) is None
+
+
 def test_lr_auto_picks_by_the_validation_metric_and_trains_at_it(assets, tmp_path):
     out = tmp_path / "auto"
     m = finetune(config(assets, out, lr_auto=True, method="lora", max_steps=8))

@@ -133,6 +133,7 @@ class Setup:
     lr: float
     out_dir: Path
     log: Callable[..., None]
+    probe: bool = False  # a short run of `lr_search`: nothing of it is kept, so a stop signal saves no checkpoint
 
 
 def train_in(cfg: FinetuneConfig, ctx: DistContext, out_dir: Path, probe: bool = False) -> dict[str, Any]:
@@ -157,7 +158,7 @@ def train_in(cfg: FinetuneConfig, ctx: DistContext, out_dir: Path, probe: bool =
     # 2. Batches: one batch is one optimizer step of batch_size x processes x grad_accum examples, in a seeded
     #    order per epoch, cut into this rank's micro-batches in the loop.
     plan = Plan.of(cfg, task.num_train, ctx.world, probe)
-    run_setup = Setup(cfg, ctx, task, method, precision, plan, layers, cfg.resolved_lr(), out_dir, log)
+    run_setup = Setup(cfg, ctx, task, method, precision, plan, layers, cfg.resolved_lr(), out_dir, log, probe)
     selection = Selection.of(cfg, task, plan.steps_per_epoch, plan.total_steps)
     first_epoch = task.train_batches(0, plan.global_batch)
 
@@ -302,6 +303,12 @@ def stop_or_save(s: Setup, run: RunState, signals: StopSignals, bar, checkpoint:
     stop = signals.requested
     if s.ctx.enabled:  # every rank stops at the same step
         stop = s.ctx.all_sum([float(stop)])[0] > 0
+    if stop and s.probe:  # its checkpoint would resume the probe's rate and length, not the run's
+        bar.close()
+        raise TrainingInterrupted(f"interrupted by {signal_name(signals.signum)} during the learning-rate search "
+                                  f"(--lr auto: the probe at lr {s.lr:g}, step {run.step} of {s.plan.total_steps}); "
+                                  f"no checkpoint is saved for a probe: run the same command again to start over",
+                                  EXIT_CODES.get(signals.signum, 143))
     if stop or (s.cfg.stop_after is not None and run.step == s.cfg.stop_after < s.plan.total_steps):
         bar.close()
         raise interrupted(checkpoint("signal" if stop else "stop_after"), signals.signum if stop else None,
