@@ -139,7 +139,9 @@ def _mapped(path) -> bool:
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
-def test_the_checkpoint_mapping_is_let_go_and_tied_weights_stay_tied(tmp_path):
+@pytest.mark.parametrize("support", ["dynamic", "fixed"])
+def test_the_checkpoint_mapping_is_let_go_and_tied_weights_stay_tied(tmp_path, support):
+    """W0 in the file (dynamic) or held (fixed): the converted matrices' original pages go either way."""
     import gc
 
     from transformers import AutoModelForCausalLM
@@ -155,10 +157,10 @@ def test_the_checkpoint_mapping_is_let_go_and_tied_weights_stay_tied(tmp_path):
     file = (tmp_path / "lm" / "model.safetensors").resolve()
     if not _mapped(file):
         pytest.skip("transformers did not map the checkpoint into memory")
-    cfg = sg.SparseGradConfig(target_modules=sg.LLAMA_MLP_TARGETS, density=0.05)
+    cfg = sg.SparseGradConfig(target_modules=sg.LLAMA_MLP_TARGETS, density=0.05, support=support)
     sg.get_sparsegrad_model(model, cfg, sg.estimate_bases(model, cfg, llama_batches(2), progress=False))
     gc.collect()
-    assert not _held(model)[0] and not _mapped(file)  # W0 in the file, and no page of its mapping resident
+    assert _held(model)[0] == (support == "fixed") and not _mapped(file)  # W0 in the file, and no page of its mapping resident
     assert model.lm_head.weight is model.model.embed_tokens.weight
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, expected)

@@ -144,8 +144,7 @@ def get_sparsegrad_model(model: nn.Module, config: SparseGradConfig, bases: Spar
         if source is not None:
             layer.keep_base_in_file(source)
         _set_submodule(model, name, layer)
-    if any(layer._file_base is not None for layer in sparsegrad_layers(model).values()):
-        _release_checkpoint_mapping(model)
+    _release_checkpoint_mapping(model)  # the converted matrices' original pages: W0 is a copy or in the file
     if not keep_requires_grad:
         _train_only_adapter(model, config)
     setattr(model, CONFIG_ATTR, config)
