@@ -129,7 +129,10 @@ def get_sparsegrad_model(model: nn.Module, config: SparseGradConfig, bases: Spar
     for module, pnames in selected_experts(model, [n for n, t in targets if isinstance(t, ExpertView)]).items():
         unfuse(module, pnames)  # per-expert linears over the fused tensor; each is converted below
     on_device: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
-    files = weight_files(model)  # W0 stays in the checkpoint's file where it is bit for bit the live weight
+    # W0 stays in the checkpoint's file where it is bit for bit the live weight, and only where it is read rarely: a
+    # dynamic fp32 layer rebuilds exactly every few steps, while a fixed support or a bf16/fp16 weight rebuilds from
+    # W0 at every step (a whole re-read of the MLP each step); no file is opened when no layer can use it
+    files = weight_files(model) if config.support == "dynamic" else {}
     for name, target, kind, k in plans:
         u_out, u_in = _bases_on(bases, kind, target.weight.device, on_device)
         fixed = bases.fixed_supports.get(name) if config.support == "fixed" else None
@@ -137,9 +140,7 @@ def get_sparsegrad_model(model: nn.Module, config: SparseGradConfig, bases: Spar
             fixed = None  # calibrated for another budget: choose from the first step instead
         layer = convert(_matrix_module(model, name, target), u_out, u_in, k=k, support=config.support, kind=kind,
                         identity_basis=bases.identity, fixed_indices=fixed)
-        # only where W0 is read rarely: a dynamic fp32 layer rebuilds exactly every few steps, while a fixed support
-        # or a bf16/fp16 weight rebuilds from W0 at every step (a whole re-read of the MLP each step)
-        rare = config.support == "dynamic" and layer.weight.dtype == torch.float32
+        rare = layer.weight.dtype == torch.float32
         source = FileBase.matching(files, parameter_names(model, name), layer.weight) if files and rare else None
         if source is not None:
             layer.keep_base_in_file(source)
