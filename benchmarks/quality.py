@@ -8,7 +8,7 @@ first, then stratified, seeded and disjoint), so that
    that method (read from the product's table, `default_lr`), trained on the train file and
    evaluated on the VALIDATION file, at the first seed; the rate with the best validation metric (the task's
    primary one, below: the highest, or the lowest for a loss or perplexity) wins, rates within 0.005 of the highest
-   tie and the lower validation loss breaks the tie (the product's `--lr auto` rule, `lr_search.pick`; by the loss
+   tie and the lower validation loss breaks the tie (the product's `--lr auto` rule, `ranking.pick`; by the loss
    first, BBC picked a rate unstable across seeds);
 2. each row at its chosen rate x every seed is evaluated ONCE on the TEST file;
 3. per seed, paired differences of SparseGrad to LoRA and to MeProp (of each lever row to SparseGrad, and of the
@@ -76,7 +76,7 @@ class Task:
 
     @property
     def lower_is_better(self) -> bool:
-        from sparsegrad.finetune.lr_search import lower_is_better
+        from sparsegrad.finetune.ranking import lower_is_better
         return lower_is_better(self.metric)
 
     @property
@@ -255,10 +255,10 @@ def lr_grid(default: float, points: int) -> list[float]:
 
 
 def choose_lr(results: dict[float, dict], metric: str) -> float:
-    """The product's own rule (`lr_search.pick`, as `--lr auto` uses it): the highest validation ``metric`` (the
-    task's primary one; the lowest for a loss or perplexity); rates within `lr_search.METRIC_TIE` of the highest
+    """The product's own rule (`ranking.pick`, as `--lr auto` uses it): the highest validation ``metric`` (the
+    task's primary one; the lowest for a loss or perplexity); rates within `ranking.METRIC_TIE` of the highest
     tie, and the lower validation loss, then the lower rate, wins. Failed runs are not chosen."""
-    from sparsegrad.finetune.lr_search import pick
+    from sparsegrad.finetune.ranking import pick
 
     best = pick([{"lr": lr, **m} for lr, m in results.items() if m is not None], metric, "eval_loss")
     if best is None:
@@ -267,7 +267,7 @@ def choose_lr(results: dict[float, dict], metric: str) -> float:
 
 
 def choice_rule(task: Task | None = None) -> str:
-    from sparsegrad.finetune.lr_search import METRIC_TIE
+    from sparsegrad.finetune.ranking import METRIC_TIE
     if task is not None and task.lr_auto:
         return "the product's `--lr auto`: lowest validation loss, then lower rate"
     return (f"highest validation metric (the task's primary one; the lowest for a loss or perplexity); within "

@@ -175,22 +175,22 @@ def test_tiny_end_to_end_run(tmp_path):
 
 # ------------------------------------------------------------------------------------------------- lower is better
 def test_a_perplexity_or_a_loss_is_lower_is_better_everywhere_else_higher():
-    from sparsegrad.finetune import lr_search
+    from sparsegrad.finetune import ranking
 
-    assert all(lr_search.lower_is_better(m) for m in ("loss", "val_loss", "eval_perplexity", "val_perplexity"))
-    assert not any(lr_search.lower_is_better(m) for m in ("accuracy", "val_macro_f1", "eval_exact_match"))
+    assert all(ranking.lower_is_better(m) for m in ("loss", "val_loss", "eval_perplexity", "val_perplexity"))
+    assert not any(ranking.lower_is_better(m) for m in ("accuracy", "val_macro_f1", "eval_exact_match"))
     assert quality.TASKS["shakespeare"].lower_is_better and not quality.TASKS["bbc"].lower_is_better
 
 
 def test_the_pick_takes_the_lowest_perplexity_not_the_highest():
-    from sparsegrad.finetune import lr_search
+    from sparsegrad.finetune import ranking
 
     pts = [{"lr": 1e-4, "val_perplexity": 30.0, "val_loss": math.log(30.0)},
            {"lr": 3e-4, "val_perplexity": 24.0, "val_loss": math.log(24.0)},
            {"lr": 1e-3, "val_perplexity": 24.1, "val_loss": math.log(24.1)},  # no tie band on a perplexity
            {"lr": 3e-3, "val_perplexity": None, "val_loss": None}]  # diverged
-    assert lr_search.pick(pts, "val_perplexity", "val_loss")["lr"] == 3e-4
-    assert lr_search.pick(pts, "val_loss", "val_loss")["lr"] == 3e-4
+    assert ranking.pick(pts, "val_perplexity", "val_loss")["lr"] == 3e-4
+    assert ranking.pick(pts, "val_loss", "val_loss")["lr"] == 3e-4
     m = {lr: {"eval_perplexity": p, "eval_loss": math.log(p)} for lr, p in ((1e-4, 30.0), (3e-4, 24.0), (1e-3, 41.0))}
     assert quality.choose_lr(m, "eval_perplexity") == 3e-4
     assert quality.choose_lr({**m, 3e-3: None}, "eval_loss") == 3e-4

@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import CAUSAL_LM, CLASSIFIER, WORDS, losses, make_csv, make_pairs, tiny_model_dir
 
-from sparsegrad.finetune import lr_search, selection
+from sparsegrad.finetune import lr_search, ranking, selection
 from sparsegrad.finetune.checkpoint import BEST_FILE, STATE_FILE, latest_checkpoint
 from sparsegrad.finetune.errors import TrainingInterrupted, UsageError
 from sparsegrad.finetune.loop import finetune
@@ -77,7 +77,7 @@ def test_causal_lm_val_split_is_disjoint(assets, tmp_path):
 def test_best_step_is_restored_into_the_adapter(assets, tmp_path):
     """A huge lr makes later steps worse than an earlier one; the adapter must hold the best step's state."""
     out = tmp_path / "run"
-    m = finetune(config(assets, out, lr=0.3, eval_every=1, max_steps=6, val_fraction=0.2))
+    m = finetune(config(assets, out, lr=0.3, eval_every=1, max_steps=6, val_fraction=0.2, metric_for_best="loss"))
     history = m["val_history"]
     assert [h["step"] for h in history] == list(range(1, 7))
     best = min(history, key=lambda h: h["loss"])
@@ -93,10 +93,54 @@ def test_best_step_is_restored_into_the_adapter(assets, tmp_path):
     assert len(losses(out)) == 6
 
 
+def test_a_classifier_keeps_the_step_lr_auto_would_rank_first(assets, tmp_path, monkeypatch):
+    """By default a classifier's best step is chosen by the score and rule ``--lr auto`` ranks rates by: the highest
+    validation accuracy, within 0.005 the lower loss, then the earlier step (written out here, not by the code).
+    The tiny model never beats chance, so the accuracies are scripted (the losses and the states are real) to make
+    the accuracy's step and the loss's differ."""
+    scripted = iter([0.30, 0.50, 0.50, 0.40, 0.45, 0.20])
+    real = ClassificationTask.evaluate_val
+    monkeypatch.setattr(ClassificationTask, "evaluate_val", lambda self, model: {**real(self, model),
+                                                                                  "accuracy": next(scripted)})
+    out = tmp_path / "run"
+    m = finetune(config(assets, out, lr=0.3, eval_every=1, max_steps=6, val_fraction=0.2))
+    monkeypatch.undo()
+    history = m["val_history"]
+    best = min((h for h in history if h["accuracy"] == 0.50), key=lambda h: (h["loss"], h["step"]))
+    by_loss = min(history, key=lambda h: h["loss"])
+    assert by_loss["step"] not in (2, 3), history  # the check below can fail
+    assert m["val_metric_for_best"] == "accuracy" and m["val_best_step"] == best["step"]
+    assert m["val_accuracy"] == 0.50 and m["val_loss"] == best["loss"]
+    model, _, _ = load_finetuned(out / "adapter")
+    cfg = config(assets, out, val_fraction=0.2)
+    task = ClassificationTask(cfg)
+    task.load(cfg, torch.float32)
+    reloaded = task.evaluate_val(model)
+    assert reloaded["loss"] == pytest.approx(best["loss"], rel=1e-5, abs=1e-6)
+    assert reloaded["loss"] != pytest.approx(by_loss["loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("first,second,replaced", [
+    ({"accuracy": 0.90, "loss": 0.50}, {"accuracy": 0.904, "loss": 0.40}, True),   # a tie: the lower loss
+    ({"accuracy": 0.90, "loss": 0.50}, {"accuracy": 0.904, "loss": 0.60}, False),  # a tie, a higher loss
+    ({"accuracy": 0.90, "loss": 0.50}, {"accuracy": 0.95, "loss": 0.90}, True),    # beyond the band: the metric
+    ({"accuracy": 0.90, "loss": 0.50}, {"accuracy": 0.90, "loss": 0.50}, False),   # a full tie: the earlier step
+])
+def test_best_step_rule(first, second, replaced):
+    sel = selection.Selection("accuracy", every=1, total_steps=2)
+    sel.observe(1, first, torch.nn.Linear(1, 1))
+    sel.observe(2, second, torch.nn.Linear(1, 1))
+    assert sel.best_step == (2 if replaced else 1)
+    lm = selection.Selection("loss", every=1, total_steps=2)  # a loss: the lowest, no tie band
+    lm.observe(1, {"loss": 0.50}, torch.nn.Linear(1, 1))
+    lm.observe(2, {"loss": 0.499}, torch.nn.Linear(1, 1))
+    assert lm.best_step == 2
+
+
 def test_early_stopping_stops(assets, tmp_path):
     out = tmp_path / "run"
     m = finetune(config(assets, out, lr=0.3, eval_every=1, max_steps=12, val_fraction=0.2,
-                        early_stopping_patience=2))
+                        early_stopping_patience=2, metric_for_best="loss"))
     stop = m["stopped_early_at_step"]
     assert stop is not None and stop < 12 and m["train_steps"] == stop == len(losses(out))
     tail = [h["loss"] for h in m["val_history"] if h["step"] > m["val_best_step"]]
@@ -158,6 +202,7 @@ def test_lr_auto_picks_by_the_validation_metric_and_trains_at_it(assets, tmp_pat
     top = max(p["val_accuracy"] for p in grid)  # the rule written out: best accuracy, within 0.005 the lower loss
     best = min((p for p in grid if p["val_accuracy"] >= top - 0.005 - 1e-12), key=lambda p: (p["val_loss"], p["lr"]))
     assert record["picked_lr"] == best["lr"] == m["lr"] and record["metric"] == "accuracy"
+    assert all(p["val_metric_for_best"] == "accuracy" for p in grid)  # each probe kept its step by that score
     fixed = finetune(config(assets, tmp_path / "fixed", lr=best["lr"], method="lora", max_steps=8))
     assert losses(out) == losses(tmp_path / "fixed") and m["eval_loss"] == fixed["eval_loss"]
     with pytest.raises(UsageError, match="validation split"):
@@ -167,23 +212,25 @@ def test_lr_auto_picks_by_the_validation_metric_and_trains_at_it(assets, tmp_pat
 def test_lr_pick_ranks_the_metric_first_and_breaks_ties_by_loss():
     pts = [{"lr": 1e-3, "val_accuracy": 0.94, "val_loss": 0.52}, {"lr": 3e-3, "val_accuracy": 0.855, "val_loss": 0.48},
            {"lr": 1e-2, "val_loss": None}]  # a diverged point
-    assert lr_search.pick(pts, "val_accuracy", "val_loss")["lr"] == 1e-3  # the lower loss does not outrank accuracy
+    assert ranking.pick(pts, "val_accuracy", "val_loss")["lr"] == 1e-3  # the lower loss does not outrank accuracy
     pts[1]["val_accuracy"] = 0.935  # one row in 200 under the best: a tie, and the lower loss wins
-    assert lr_search.pick(pts, "val_accuracy", "val_loss")["lr"] == 3e-3
+    assert ranking.pick(pts, "val_accuracy", "val_loss")["lr"] == 3e-3
     pts[1]["val_accuracy"] = 0.934
-    assert lr_search.pick(pts, "val_accuracy", "val_loss")["lr"] == 1e-3
+    assert ranking.pick(pts, "val_accuracy", "val_loss")["lr"] == 1e-3
     pts[1].update(val_accuracy=0.94, val_loss=0.52)  # a full tie: the lower rate
-    assert lr_search.pick(pts, "val_accuracy", "val_loss")["lr"] == 1e-3
-    assert lr_search.pick(pts, "val_loss", "val_loss")["lr"] == 1e-3  # a causal LM: the lowest loss, then lower lr
-    assert lr_search.pick([{"lr": 1e-3, "val_loss": None}], "val_accuracy", "val_loss") is None
-    assert lr_search.pick([{"lr": 1e-3, "val_accuracy": float("nan")}], "val_accuracy", "val_loss") is None
+    assert ranking.pick(pts, "val_accuracy", "val_loss")["lr"] == 1e-3
+    assert ranking.pick(pts, "val_loss", "val_loss")["lr"] == 1e-3  # a causal LM: the lowest loss, then lower lr
+    assert ranking.pick([{"lr": 1e-3, "val_loss": None}], "val_accuracy", "val_loss") is None
+    assert ranking.pick([{"lr": 1e-3, "val_accuracy": float("nan")}], "val_accuracy", "val_loss") is None
 
 
-@pytest.mark.parametrize("kind,metric_for_best,ranked", [("classifier", "loss", "accuracy"),
-                                                         ("classifier", "macro_f1", "macro_f1"),
-                                                         ("causal-lm", "loss", "loss")])
-def test_lr_auto_ranks_by_the_task_metric(kind, metric_for_best, ranked):
-    assert lr_search.rank_metric(SimpleNamespace(metric_for_best=metric_for_best, task_kind=kind)) == ranked
+def test_lr_auto_ranks_by_the_score_the_run_keeps_its_step_by(assets, tmp_path):
+    """--metric-for-best loss: the probes keep their steps by the loss, and the rate is picked by the loss too."""
+    m = finetune(config(assets, tmp_path / "auto", lr_auto=True, method="lora", max_steps=4, metric_for_best="loss"))
+    record = m["lr_search"]
+    assert record["metric"] == "loss" and m["val_metric_for_best"] == "loss"
+    assert record["picked_lr"] == min(record["grid"], key=lambda p: (p["val_loss"], p["lr"]))["lr"]
+    assert lr_search.ranked_by([{"lr": 1e-3, "val_loss": None}]) == "loss"  # every probe diverged
 
 
 def test_compare_passes_lr_auto_per_method():

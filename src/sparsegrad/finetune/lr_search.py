@@ -3,10 +3,9 @@
 The grid is three half-decades around the method's default (`methods.default_lr`: default / sqrt(10), default,
 default x sqrt(10)). Each point is a short run of a quarter of the run's steps (at least one; same data, seed,
 calibration and schedule shape, no files written, the test split never read), scored on the validation split.
-The highest validation metric wins (a classifier's accuracy, or ``--metric-for-best`` when that is accuracy or
-macro-F1; a causal LM has only its loss, and the lowest wins); points within `METRIC_TIE` of the best tie, and the
-lower validation loss (then the lower rate) breaks the tie. Not the loss first: on BBC the loss preferred a rate
-whose runs were unstable across seeds (docs/quality/). The full run then trains at the pick. Cost: about 3/4 of one
+The points are ranked by `ranking.pick` on the score each probe kept its best step by (``--metric-for-best``;
+by default a classifier's accuracy, a causal LM's loss): the same rule and score as the run's own best step. The
+full run then trains at the pick. Cost: about 3/4 of one
 run's training steps more, plus three calibrations and model loads.
 """
 
@@ -21,20 +20,12 @@ from typing import Any, Callable
 
 from .errors import TrainingDiverged
 from .methods import default_lr
+from .ranking import METRIC_TIE, pick
 
 GRID_FACTORS = (10 ** -0.5, 1.0, 10 ** 0.5)
 PROBE_SHARE = 4
 """Each grid point trains for 1/PROBE_SHARE of the run's steps."""
 RECORD_FILE = "lr_search.json"
-METRIC_TIE = 0.005
-"""Validation metrics this close tie (one row in 200): the lower validation loss then decides."""
-LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
-"""Metric names (without a ``val_`` / ``eval_`` prefix) where the smaller value is the better one."""
-
-
-def lower_is_better(metric: str) -> bool:
-    """Whether the smaller value of ``metric`` (``loss``, ``val_perplexity``, ``eval_accuracy``, ...) is better."""
-    return metric.removeprefix("val_").removeprefix("eval_") in LOWER_IS_BETTER
 
 
 def probe_steps(total_steps: int) -> int:
@@ -51,31 +42,11 @@ def probe_config(cfg: Any, lr: float) -> Any:
                                early_stopping_patience=None, eval_every=None, progress=False, verbose=False)
 
 
-def rank_metric(cfg: Any) -> str:
-    """The validation metric the grid is ranked by: ``metric_for_best`` when it is a score, else a classifier's
-    accuracy; a causal LM's loss (its only validation score)."""
-    if cfg.metric_for_best != "loss":
-        return cfg.metric_for_best
-    return "accuracy" if cfg.task_kind == "classifier" else "loss"
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
-
-
-def pick(points: list[dict[str, Any]], metric: str, loss: str, tie: float = METRIC_TIE) -> dict[str, Any] | None:
-    """The point with the highest ``metric``; points within ``tie`` of the best tie, and the lowest ``loss``, then
-    the lowest ``lr``, wins among them. A lower-is-better ``metric`` (a loss or a perplexity, `lower_is_better`):
-    the lowest value, with no tie band (then the lowest ``loss``, then ``lr``). Points without a finite metric are
-    never picked; None when no point has one. Shared by ``--lr auto`` and benchmarks/quality.py."""
-    usable = [p for p in points if _finite(p.get(metric))]
-    if not usable:
-        return None
-    if lower_is_better(metric):
-        return min(usable, key=lambda p: (p[metric], p[loss] if _finite(p.get(loss)) else math.inf, p["lr"]))
-    best = max(p[metric] for p in usable)
-    tied = [p for p in usable if best - p[metric] <= tie + 1e-12]  # 1e-12: 0.940 - 0.935 is 0.00500000001
-    return min(tied, key=lambda p: (p[loss] if _finite(p.get(loss)) else math.inf, p["lr"]))
+def ranked_by(points: list[dict[str, Any]]) -> str:
+    """The validation metric the grid is ranked by: the one each probe's run chose its best step by
+    (``val_metric_for_best``, `selection.Selection`), so the rate and the kept step follow one score; the loss when
+    every probe diverged."""
+    return next((p["val_metric_for_best"] for p in points if p.get("val_metric_for_best")), "loss")
 
 
 def search(cfg: Any, run_probe: Callable[[Any], dict[str, Any]], log: Callable[..., None] = print
@@ -98,7 +69,7 @@ def search(cfg: Any, run_probe: Callable[[Any], dict[str, Any]], log: Callable[.
         log(f"lr auto: lr {lr:g}: validation loss {point.get('val_loss')}"
             + (f", accuracy {point['val_accuracy']:.4f}" if point.get("val_accuracy") is not None else "")
             + (f", macro-F1 {point['val_macro_f1']:.4f}" if point.get("val_macro_f1") is not None else ""))
-    metric = rank_metric(cfg)
+    metric = ranked_by(points)
     best = pick(points, "val_" + metric, "val_loss") or points[0]  # every point diverged: the lowest rate
     criterion = ("lowest validation loss (ties: lower lr)" if metric == "loss" else
                  f"highest validation {metric} (within {METRIC_TIE:g}: lower validation loss, then lower lr)")

@@ -27,6 +27,7 @@ from . import data as D
 from .checkpoint import load_trainable_state, trainable_state
 from .choices import DEFAULT_VAL_FRACTION, VAL_METRICS  # noqa: F401 (re-exported)
 from .errors import UsageError
+from .ranking import pick
 
 MAJORITY_MARGIN = 0.01
 """A classifier within this of the majority-class accuracy did not learn."""
@@ -88,24 +89,29 @@ class Selection:
     def of(cls, cfg: Any, task: Any, steps_per_epoch: int, total_steps: int) -> "Selection | None":
         if not cfg.val_fraction or task.num_val == 0:
             return None
-        if cfg.metric_for_best not in task.val_metrics:
-            raise UsageError(f"metric_for_best {cfg.metric_for_best!r} does not apply to a {task.kind} run; choose "
+        metric = cfg.metric_for_best or task.default_metric_for_best
+        if metric not in task.val_metrics:
+            raise UsageError(f"metric_for_best {metric!r} does not apply to a {task.kind} run; choose "
                              f"from {', '.join(task.val_metrics)}")
-        return cls(cfg.metric_for_best, cfg.eval_every or steps_per_epoch, total_steps, cfg.early_stopping_patience)
+        return cls(metric, cfg.eval_every or steps_per_epoch, total_steps, cfg.early_stopping_patience)
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.total_steps
 
-    def better(self, value: float) -> bool:
-        if self.best_value is None:
+    def better(self, scores: dict[str, Any]) -> bool:
+        """Whether ``scores`` beat the best so far by `ranking.pick` (the rule ``--lr auto`` ranks rates by: within
+        the metric's tie band the lower loss wins; a full tie keeps the earlier step)."""
+        best = self.best_scores()
+        if not best:
             return True
-        return value < self.best_value if self.metric == "loss" else value > self.best_value
+        new = {"step": math.inf, **scores}
+        return pick([best, new], self.metric, "loss", order="step") is new
 
     def observe(self, step: int, scores: dict[str, Any], model: nn.Module) -> bool:
         """Record the validation ``scores`` at ``step``; keep the state if best. Returns whether to stop early."""
         self.history.append({"step": step, **scores})
         value = float(scores[self.metric])
-        if math.isfinite(value) and self.better(value):
+        if math.isfinite(value) and self.better(scores):
             self.best_step, self.best_value, self.bad_evals = step, value, 0
             self.best_state = trainable_state(model)
             return False

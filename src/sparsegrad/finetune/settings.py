@@ -111,8 +111,9 @@ class FinetuneConfig:
     ``eval_every`` steps; the best evaluation's trained state is restored before the adapter is written."""
     eval_every: int | None = None
     """Steps between validation evaluations (None: once per epoch; always at the last step)."""
-    metric_for_best: str = "loss"
-    """The validation score that picks the best step: loss (lower is better), accuracy or macro_f1."""
+    metric_for_best: str | None = None
+    """The validation score that picks the best step and ``--lr auto``'s rate: loss (lower is better), accuracy or
+    macro_f1 (None: the task's own, a classifier's accuracy, a causal LM's loss)."""
     early_stopping_patience: int | None = None
     """Stop after this many validation evaluations in a row without a better score (None: never)."""
     lr_auto: bool = False
@@ -193,7 +194,7 @@ class FinetuneConfig:
             value = getattr(self, name)
             if value is not None and not _positive_int(value):
                 raise UsageError(f"{name} must be a positive integer, got {value!r}")
-        if self.metric_for_best not in VAL_METRICS:
+        if self.metric_for_best is not None and self.metric_for_best not in VAL_METRICS:
             raise UsageError(f"metric_for_best must be one of {', '.join(VAL_METRICS)}, got {self.metric_for_best!r}")
         if not self.val_fraction and (self.lr_auto or self.early_stopping_patience is not None):
             raise UsageError(f"{'lr auto' if self.lr_auto else 'early_stopping_patience'} needs a validation split "

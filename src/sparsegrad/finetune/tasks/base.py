@@ -33,6 +33,8 @@ class Task(Protocol):
 
     val_metrics: tuple[str, ...]
     """The keys of ``evaluate_val`` a best step may be chosen by."""
+    default_metric_for_best: str
+    """The one of ``val_metrics`` that picks the best step and ``--lr auto``'s rate unless --metric-for-best says."""
     untrained_loss_is_reference: bool
     """The did-not-learn check compares the validation loss with the untrained model's (one extra validation pass
     at step 0); a classifier compares with the majority class instead."""

@@ -56,6 +56,7 @@ class CausalLMTask:
         return len(self.data.train)
 
     val_metrics = ("loss",)
+    default_metric_for_best = "loss"
 
     @property
     def num_val(self) -> int:
