@@ -72,7 +72,8 @@ def lr_help() -> str:
                           for method in METHOD_NAMES)
         parts.append(f"{KIND_LABELS.get(kind, kind)} ({' / '.join(SCOPES)} scope): {rates}")
     return ("learning rate; the default depends on the method, the kind of model and --train-scope: "
-            + "; ".join(parts) + " (tuned on MiniLM-L6/BBC; causal-LM rates are not tuned)").replace("%", "%%")
+            + "; ".join(parts) + " (tuned on MiniLM-L6/BBC; causal LMs: LoRA's picked by --lr auto on two decoder tasks, the others not "
+            "tuned)").replace("%", "%%")
 
 VAL_METRICS = ("loss", "accuracy", "macro_f1")
 """--metric-for-best choices: the loss is lower-is-better, the others higher-is-better."""
