@@ -7,6 +7,9 @@ from __future__ import annotations
 from .data import TASKS
 
 METHOD_NAMES = ("sparsegrad", "lora", "meprop", "full")
+REFERENCE_METHOD = "lora"
+"""The baseline compare reports step-time ratios and paired differences against (PEFT's LoRA, the method users
+know) when a comparison has it."""
 """Every fine-tuning method, in the order `methods.METHODS` lists them."""
 METHOD_HELP = "sparsegrad (default), lora, meprop (SparseGrad without the rotation), full (dense MLP)"
 SCOPES = ("mlp", "all")

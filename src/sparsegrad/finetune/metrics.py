@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .choices import REFERENCE_METHOD
+
 
 def accuracy(labels: Sequence[int], preds: Sequence[int]) -> float:
     if len(labels) != len(preds):
@@ -148,6 +150,6 @@ def write_run_checks(w, all_runs: Sequence[dict], keys: Sequence[str], shared_by
               f"{shared_by_seed}.\n\n")
     if failed:
         w(f"**Failed runs:** {', '.join(failed)} (see their run.log).\n\n")
-    ref_label = "lora" if "lora" in results else (methods[0] if methods else None)
+    ref_label = REFERENCE_METHOD if REFERENCE_METHOD in results else (methods[0] if methods else None)
     ref_time = mean_or_none([m["step_time_median_s"] for m in results.get(ref_label, [])]) if ref_label else None
     return ref_label, ref_time

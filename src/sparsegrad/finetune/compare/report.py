@@ -12,6 +12,7 @@ from typing import Any
 
 from sparsegrad.io import atomic_write_bytes
 
+from ..choices import REFERENCE_METHOD
 from ..metrics import format_mean_std as _ms
 from ..metrics import human_bytes, mean_std, write_run_checks
 from ..metrics import mean_or_none as _mean
@@ -114,13 +115,13 @@ def write_results_md(path: Path, results: dict[str, list[dict[str, Any]]], metho
     summary_table(w, results, methods, ["accuracy", "macro-F1", "eval loss"],
                   lambda runs: [_ms([m[key] for m in runs], ".4f")
                                 for key in ("eval_accuracy", "eval_macro_f1", "eval_loss")], ref_label, ref_time)
-    if "lora" in results and len(results) > 1:
-        lora = {m["seed"]: m for m in results["lora"]}
+    if REFERENCE_METHOD in results and len(results) > 1:
+        ref = {m["seed"]: m for m in results[REFERENCE_METHOD]}
         lines = []
         for label in methods:
-            if label == "lora" or label not in results:
+            if label == REFERENCE_METHOD or label not in results:
                 continue
-            diffs = [m["eval_accuracy"] - lora[m["seed"]]["eval_accuracy"] for m in results[label] if m["seed"] in lora]
+            diffs = [m["eval_accuracy"] - ref[m["seed"]]["eval_accuracy"] for m in results[label] if m["seed"] in ref]
             if diffs:
                 wins = sum(d > 0 for d in diffs)
                 lines.append(f"| {label} | {len(diffs)} | {_ms([100 * d for d in diffs], '+.2f')} | {wins}/{len(diffs)} |\n")
