@@ -16,6 +16,7 @@ from sparsegrad.finetune import lr_search, ranking, selection
 from sparsegrad.finetune.checkpoint import BEST_FILE, STATE_FILE, latest_checkpoint
 from sparsegrad.finetune.errors import TrainingInterrupted, UsageError
 from sparsegrad.finetune.loop import finetune
+from sparsegrad.finetune.methods import default_lr as methods_default_lr
 from sparsegrad.finetune.outputs import load_finetuned
 from sparsegrad.finetune.settings import FinetuneConfig
 from sparsegrad.finetune.tasks.classify import ClassificationTask, carve_validation, load_split
@@ -231,6 +232,35 @@ def test_lr_auto_ranks_by_the_score_the_run_keeps_its_step_by(assets, tmp_path):
     assert record["metric"] == "loss" and m["val_metric_for_best"] == "loss"
     assert record["picked_lr"] == min(record["grid"], key=lambda p: (p["val_loss"], p["lr"]))["lr"]
     assert lr_search.ranked_by([{"lr": 1e-3, "val_loss": None}]) == "loss"  # every probe diverged
+
+
+@pytest.mark.parametrize("losses_by_point,edge", [((4.3, 4.1, 3.9), "highest"), ((3.9, 4.1, 4.3), "lowest"),
+                                                   ((4.3, 3.9, 4.1), None)])
+def test_lr_auto_says_when_its_pick_is_the_grid_edge(losses_by_point, edge):
+    """A causal LM's probes (loss only): a pick at either end of the grid is recorded and noted in one line with the
+    next rate beyond it; an inner pick is not."""
+    cfg = FinetuneConfig(method="lora", task="shakespeare", model="smollm2", lr_auto=True)
+    rates = lr_search.grid(methods_default_lr("lora", "mlp", "causal-lm"))
+    scripted = dict(zip(rates, losses_by_point))
+    lines = []
+    picked, record = lr_search.search(cfg, lambda c: {"val_loss": scripted[c.lr], "val_metric_for_best": "loss"},
+                                      lines.append)
+    assert record["grid_edge"] == edge and picked.lr == rates[losses_by_point.index(min(losses_by_point))]
+    notes = [line for line in lines if "note:" in line]
+    if edge is None:
+        assert notes == []
+    else:
+        beyond = rates[-1] * 10 ** 0.5 if edge == "highest" else rates[0] / 10 ** 0.5
+        assert len(notes) == 1 and f"grid's {edge} rate" in notes[0] and f"--lr {beyond:.3g}" in notes[0]
+
+
+def test_lr_auto_edge_note_is_silent_when_every_point_ties():
+    points = [{"lr": lr, "val_accuracy": 0.5484, "val_loss": loss} for lr, loss in ((1e-3, 0.98), (3e-3, 0.99),
+                                                                                   (1e-2, 0.97))]
+    assert lr_search.grid_edge(points, points[2], "val_accuracy") is None  # the loss broke a tie of every point
+    points[2]["val_accuracy"] = 0.6
+    assert lr_search.grid_edge(points, points[2], "val_accuracy") == "highest"
+    assert lr_search.grid_edge([{"lr": 1e-3, "val_loss": None}], {"lr": 1e-3}, "val_loss") is None  # all diverged
 
 
 def test_compare_passes_lr_auto_per_method():

@@ -20,7 +20,8 @@ from typing import Any, Callable
 
 from .errors import TrainingDiverged
 from .methods import default_lr
-from .ranking import METRIC_TIE, pick
+from . import ranking
+from .ranking import METRIC_TIE, lower_is_better, pick
 
 GRID_FACTORS = (10 ** -0.5, 1.0, 10 ** 0.5)
 PROBE_SHARE = 4
@@ -49,6 +50,17 @@ def ranked_by(points: list[dict[str, Any]]) -> str:
     return next((p["val_metric_for_best"] for p in points if p.get("val_metric_for_best")), "loss")
 
 
+def grid_edge(points: list[dict[str, Any]], best: dict[str, Any], metric: str) -> str | None:
+    """``"highest"`` / ``"lowest"`` when the pick is the grid's end point and it won on its score (not a fallback
+    where every point diverged, nor a tie of every point broken by the loss: then the edge says nothing)."""
+    scored = [p for p in points if ranking.finite(p.get(metric))]
+    if len(scored) < 2 or len({p[metric] for p in scored}) == 1 and not lower_is_better(metric):
+        return None
+    if best is points[-1]:
+        return "highest"
+    return "lowest" if best is points[0] else None
+
+
 def search(cfg: Any, run_probe: Callable[[Any], dict[str, Any]], log: Callable[..., None] = print
            ) -> tuple[Any, dict[str, Any]]:
     """(cfg with the picked ``lr``, the record metrics.json keeps). ``run_probe(cfg)`` trains one grid point and
@@ -73,10 +85,15 @@ def search(cfg: Any, run_probe: Callable[[Any], dict[str, Any]], log: Callable[.
     best = pick(points, "val_" + metric, "val_loss") or points[0]  # every point diverged: the lowest rate
     criterion = ("lowest validation loss (ties: lower lr)" if metric == "loss" else
                  f"highest validation {metric} (within {METRIC_TIE:g}: lower validation loss, then lower lr)")
+    edge = grid_edge(points, best, "val_" + metric)
     record = {"grid": points, "picked_lr": best["lr"], "default_lr": center, "probe_share": 1 / PROBE_SHARE,
-              "criterion": criterion, "metric": metric, "metric_tie": METRIC_TIE,
+              "criterion": criterion, "metric": metric, "metric_tie": METRIC_TIE, "grid_edge": edge,
               "time_s": round(time.perf_counter() - start, 3)}
     log(f"lr auto: picked lr {best['lr']:g} (default {center:g}; {criterion}) in {record['time_s']:.1f} s")
+    if edge:
+        beyond = best["lr"] * (GRID_FACTORS[-1] if edge == "highest" else GRID_FACTORS[0])
+        log(f"lr auto: note: the pick is the grid's {edge} rate, so the best may lie beyond it (try --lr "
+            f"{beyond:.3g} beside it); short probes tend to favour higher rates than a full run's best")
     return dataclasses.replace(cfg, lr=best["lr"]), record
 
 
