@@ -75,6 +75,15 @@ def test_causal_lm_val_split_is_disjoint(assets, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- best step
+def reloaded_val_scores(assets, out: Path) -> dict:
+    """The validation scores of the adapter a run wrote, loaded back on its own."""
+    model, _, _ = load_finetuned(out / "adapter")
+    cfg = config(assets, out, val_fraction=0.2)
+    task = ClassificationTask(cfg)
+    task.load(cfg, torch.float32)
+    return task.evaluate_val(model)
+
+
 def test_best_step_is_restored_into_the_adapter(assets, tmp_path):
     """A huge lr makes later steps worse than an earlier one; the adapter must hold the best step's state."""
     out = tmp_path / "run"
@@ -84,11 +93,7 @@ def test_best_step_is_restored_into_the_adapter(assets, tmp_path):
     best = min(history, key=lambda h: h["loss"])
     assert m["val_best_step"] == best["step"] and m["val_loss"] == best["loss"]
     assert best["step"] != 6 and history[-1]["loss"] > best["loss"], history  # the check below can fail
-    model, _, _ = load_finetuned(out / "adapter")
-    cfg = config(assets, out, val_fraction=0.2)
-    task = ClassificationTask(cfg)
-    task.load(cfg, torch.float32)
-    reloaded = task.evaluate_val(model)
+    reloaded = reloaded_val_scores(assets, out)
     assert reloaded["loss"] == pytest.approx(best["loss"], rel=1e-5, abs=1e-6)
     assert reloaded["loss"] != pytest.approx(history[-1]["loss"], rel=1e-3)
     assert len(losses(out)) == 6
@@ -112,11 +117,7 @@ def test_a_classifier_keeps_the_step_lr_auto_would_rank_first(assets, tmp_path, 
     assert by_loss["step"] not in (2, 3), history  # the check below can fail
     assert m["val_metric_for_best"] == "accuracy" and m["val_best_step"] == best["step"]
     assert m["val_accuracy"] == 0.50 and m["val_loss"] == best["loss"]
-    model, _, _ = load_finetuned(out / "adapter")
-    cfg = config(assets, out, val_fraction=0.2)
-    task = ClassificationTask(cfg)
-    task.load(cfg, torch.float32)
-    reloaded = task.evaluate_val(model)
+    reloaded = reloaded_val_scores(assets, out)
     assert reloaded["loss"] == pytest.approx(best["loss"], rel=1e-5, abs=1e-6)
     assert reloaded["loss"] != pytest.approx(by_loss["loss"], rel=1e-4)
 
