@@ -424,3 +424,19 @@ def test_sparse_first_products_match_float64_in_either_basis_layout(shape):
             torch.testing.assert_close(w.double(), u_out.double() @ d.view(o, i) @ u_in.double().T, rtol=0, atol=1e-6)
     _, layer, _, _ = make_pair()
     assert layer.u_out.mT.is_contiguous() and layer.u_in.mT.is_contiguous()  # the sparse products' fast layout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_identity_rebuild_is_w0_plus_the_dense_delta_bit_for_bit(dtype):
+    """MeProp's exact rebuild (entry by entry, no dense delta, an unsorted support) against W0 plus the dense
+    scattered delta in fp32, rounded to the weight's dtype: the same bits, W0's -0.0 entries included."""
+    _, layer, _, _ = make_pair(identity=True, dtype=dtype)
+    base = layer.base_weight.clone()
+    base.view(-1)[:6] = -0.0
+    indices = torch.tensor([50, 3, 77, 1], dtype=torch.int32)  # unsorted, as the optimizer appends them
+    values = torch.randn(4)
+    dense = torch.zeros(base.numel())
+    dense[indices.long()] = values
+    expected = (base.float() + dense.view(base.shape)).to(dtype)
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    assert torch.equal(layer._plus_delta(base, indices, values, None, None).view(bits), expected.view(bits))
