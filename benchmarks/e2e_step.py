@@ -7,6 +7,7 @@ that peak memory is honest): median step time, steps/s, peak memory, exact train
     for m in full lora meprop sparsegrad sparsegrad-fixed; do python benchmarks/e2e_step.py --method $m; done
     python benchmarks/e2e_step.py --interleave full,lora,meprop,sparsegrad,sparsegrad-fixed --steps 7   # time ratios
     python benchmarks/e2e_step.py --interleave full,meprop,sparsegrad --threads 1 --cpu-time    # the work, per phase
+    python benchmarks/e2e_step.py --interleave full,meprop --threads 1 --cpu-time --step-only --steps 21   # the step
 
 ``--interleave``: every method's model in this one process, timed round by round (each round runs one step of
 each method on the same batch, in train mode); prints each method's median of the per-round ratios to full, the
@@ -144,6 +145,45 @@ def interleaved(args, batch, device) -> None:
                           "scope": args.train_scope, "loadavg": os.getloadavg()}))
 
 
+def step_only(args, batch, device) -> None:
+    """``--interleave ... --step-only``: each method's optimizer step alone, on the same real gradients every round
+    (one backward after the warm-up steps, its gradients restored before each timed step; a SparseGrad layer's
+    rebuild at its next forward counted as step), so that the step's cost stands out of the forward and backward's
+    noise. Prints each method's median step (ms, this thread's CPU time with --cpu-time) and the median of its
+    per-round difference to the first method's."""
+    import os
+
+    names = args.interleave.split(",")
+    clock = time.thread_time if args.cpu_time else time.perf_counter
+    b, runs = batch(), {}
+    for name in names:
+        model = prepare(build_model(args.model, 2).to(device), name, args, batch).model.train()
+        opt = sg.create_optimizer(model, lr=1e-4)
+        for _ in range(args.warmup):
+            phased_step(model, opt, b, clock)
+        model(**b).loss.backward()
+        params = [p for p in model.parameters() if p.grad is not None]
+        runs[name] = (model, opt, params, [p.grad.clone() for p in params], list(sg.sparsegrad_layers(model).values()), [])
+    for _ in range(args.steps):
+        for model, opt, params, grads, layers, times in runs.values():
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            t0 = clock()
+            opt.step()
+            for layer in layers:
+                layer._forward_sync()
+            times.append(clock() - t0)
+            opt.zero_grad(set_to_none=True)
+    ref = runs[names[0]][-1]
+    for name, run in runs.items():
+        times = run[-1]
+        print(json.dumps({"method": name, "median_step_ms": round(1e3 * statistics.median(times), 2),
+                          "median_excess_ms_vs": names[0],
+                          "median_excess_ms": round(1e3 * statistics.median(t - r for t, r in zip(times, ref)), 2),
+                          "clock": "thread CPU" if args.cpu_time else "wall", "threads": torch.get_num_threads(),
+                          "rounds": args.steps, "loadavg": os.getloadavg()}))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="sparsegrad",
@@ -163,6 +203,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--cpu-time", action="store_true", help="--interleave: time by this thread's CPU time (with "
                    "--threads 1: the work itself, steady on a shared machine) instead of wall time")
+    p.add_argument("--step-only", action="store_true", help="--interleave: time the optimizer step alone on the "
+                   "same real gradients each round (the step's cost apart from the forward and backward)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -182,7 +224,7 @@ def main() -> None:
                 "labels": torch.randint(0, 2, (args.batch_size,), generator=g).to(device)}
 
     if args.interleave:
-        interleaved(args, batch, device)
+        (step_only if args.step_only else interleaved)(args, batch, device)
         return
 
     prepared = prepare(model, args.method, args, batch)

@@ -368,27 +368,33 @@ def test_a_stack_staggers_its_exact_rebuilds():
     assert rebuilt == {j: [sg.optim.EXACT_REBUILD_EVERY - j] for j in range(3)}
 
 
-def test_two_pass_top_k_picks_the_sorted_set_with_its_cut_and_maximum():
-    """`topk_candidates` (top blocks by their maxima, then their entries) against an independent sort: the same set
-    where no tie straddles the cut, the same tie flag and the same largest magnitude, NaN and inf included."""
-    from sparsegrad.layer import topk_candidates
+@pytest.mark.parametrize("stacked", [True, False])
+def test_two_pass_top_k_picks_the_sorted_set_with_its_cut_and_maximum(stacked):
+    """`topk_rows` (top blocks by their maxima, then their entries), on stacked rows (the rotated gradients) and
+    on a list of matrices (MeProp's unstacked gradients), against an independent sort: the same set where no tie
+    straddles the cut, its signed scores, the same tie flag and the same largest magnitude, NaN and inf and -inf
+    included; small rows take the one-pass path, the rest the two-pass one."""
+    from sparsegrad.layer import topk_rows
 
     g = torch.Generator().manual_seed(3)
-    for trial in range(60):
-        n = 8 * int(torch.randint(8, 120, (1,), generator=g))
-        k = int(torch.randint(1, n // 16, (1,), generator=g))
+    for trial in range(80):
+        n = 8 * int(torch.randint(2 if trial < 10 else 8, 120, (1,), generator=g))
+        k = int(torch.randint(1, max(2, n // 16), (1,), generator=g)) if trial >= 5 else n + trial - 3
         rows = torch.randint(-4, 5, (3, n), generator=g).float() if trial % 2 else torch.randn(3, n, generator=g)
         if trial % 5 == 0:
-            rows[1, int(torch.randint(0, n, (1,), generator=g))] = float("nan" if trial % 10 else "inf")
-        idx, tie, top = topk_candidates(rows, k)
+            rows[1, int(torch.randint(0, n, (1,), generator=g))] = (float("nan"), float("inf"), -float("inf"))[trial % 3]
+        given = rows if stacked else [row.view(8, -1) for row in rows]
+        idx, picked, tie, top = topk_rows(given, k)
         for r in range(3):
             mags = [(math.inf if math.isnan(v) else abs(v)) for v in rows[r].tolist()]
             order = sorted(range(n), key=lambda j: (-mags[j], j))
-            assert bool(tie[r]) == (mags[order[k - 1]] == mags[order[k]])
+            if k < n:
+                assert bool(tie[r]) == (mags[order[k - 1]] == mags[order[k]])
             expected_top = rows[r].abs().max() if not rows[r].isnan().any() else torch.tensor(float("nan"))
             torch.testing.assert_close(top[r], expected_top, equal_nan=True)
+            torch.testing.assert_close(picked[r], rows[r][idx[r]], equal_nan=True)
             if not tie[r]:
-                assert sorted(idx[r].tolist()) == sorted(order[:k])
+                assert sorted(idx[r].tolist()) == sorted(order[:min(k, n)])
 
 
 @pytest.mark.parametrize("shape", [(12, 8), (8, 12)])
@@ -418,3 +424,19 @@ def test_sparse_first_products_match_float64_in_either_basis_layout(shape):
             torch.testing.assert_close(w.double(), u_out.double() @ d.view(o, i) @ u_in.double().T, rtol=0, atol=1e-6)
     _, layer, _, _ = make_pair()
     assert layer.u_out.mT.is_contiguous() and layer.u_in.mT.is_contiguous()  # the sparse products' fast layout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_identity_rebuild_is_w0_plus_the_dense_delta_bit_for_bit(dtype):
+    """MeProp's exact rebuild (entry by entry, no dense delta, an unsorted support) against W0 plus the dense
+    scattered delta in fp32, rounded to the weight's dtype: the same bits, W0's -0.0 entries included."""
+    _, layer, _, _ = make_pair(identity=True, dtype=dtype)
+    base = layer.base_weight.clone()
+    base.view(-1)[:6] = -0.0
+    indices = torch.tensor([50, 3, 77, 1], dtype=torch.int32)  # unsorted, as the optimizer appends them
+    values = torch.randn(4)
+    dense = torch.zeros(base.numel())
+    dense[indices.long()] = values
+    expected = (base.float() + dense.view(base.shape)).to(dtype)
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    assert torch.equal(layer._plus_delta(base, indices, values, None, None).view(bits), expected.view(bits))

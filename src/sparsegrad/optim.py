@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from .layer import SparseGradLinear, add_increments, increment_order_key, topk_candidates, topk_indices
+from .layer import SparseGradLinear, add_increments, increment_order_key, topk_indices, topk_rows
 from .layerwise import enable_layerwise_step
 from .position_map import PositionMap
 
@@ -118,6 +118,8 @@ class _Stack:
         first = self.layers[0]
         self.shape = (first.out_features, first.in_features)
         self.k, self.identity = first.k, first.identity_basis
+        # each layer's (u_outᵀ, u_in) for the rotation, the transpose a view made once (one op fewer per step)
+        self.bases = [] if self.identity else [(layer.u_out, layer.u_out.T, layer.u_in) for layer in self.layers]
         device = first.weight.device
         L, numel = len(self.layers), self.shape[0] * self.shape[1]
         stored = [layer._stored_delta() for layer in self.layers]
@@ -140,9 +142,10 @@ class _Stack:
         self.publish(states, appended=False)
 
     def valid(self, states: list[dict]) -> bool:
-        """Whether every layer's delta and state are still the views this stack published."""
+        """Whether every layer's delta, state and bases are still the ones this stack published and holds."""
         return all(layer._delta_key() == key and state.get("exp_avg") is ref and state.get("step") is step
-                   for layer, state, (key, ref, step) in zip(self.layers, states, self.published))
+                   for layer, state, (key, ref, step) in zip(self.layers, states, self.published)) and all(
+            layer.u_out is u_out and layer.u_in is u_in for layer, (u_out, _, u_in) in zip(self.layers, self.bases))
 
     def publish(self, states: list[dict], *, appended: bool) -> None:
         """Point each layer's delta and optimizer state at the first n[l] entries of its rows."""
@@ -166,25 +169,26 @@ class _Stack:
         row), and the flags the host must read (3 x L: finite, tie, new). No host sync."""
         L, (o, i), k = len(self.layers), self.shape, self.k
         grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in self.params]
-        if self.identity:
-            rotated = torch.stack(grads).view(L, o * i)
+        if self.identity:  # the gradients themselves, unstacked (a stacked copy would be a pass over them)
+            rotated = grads
         else:
             rotated = torch.empty((L, o, i), dtype=torch.float32, device=grads[0].device)
-            for layer, grad, out in zip(self.layers, grads, rotated.unbind(0)):
-                torch.mm(torch.mm(layer.u_out.T, grad), layer.u_in, out=out)  # = layer.rotate(grad)
+            for (_, u_out_t, u_in), grad, out in zip(self.bases, grads, rotated.unbind(0)):
+                torch.mm(torch.mm(u_out_t, grad), u_in, out=out)  # = layer.rotate(grad)
             rotated = rotated.view(L, o * i)
-        idx, tie, top = topk_candidates(rotated, k)  # per layer's row: no host sync
-        idx = self._ordered(idx)
+        idx, grad, tie, top = topk_rows(rotated, k)  # per layer's row: no host sync
+        idx, grad = self._ordered(idx, grad)
         pos, new = self._positions(idx)
-        pick = {"idx": idx, "grad": rotated.gather(1, idx), "pos": pos, "new": new}
-        return pick, torch.stack((torch.isfinite(top).int(), tie.int(), new))
+        pick = {"idx": idx, "grad": grad, "pos": pos, "new": new}
+        return pick, torch.stack((torch.isfinite(top), tie, new))  # int32, as ``new``
 
-    def _ordered(self, idx: Tensor) -> Tensor:
-        """``idx`` (L x k) with each row sorted by `increment_order_key` (identity bases need no order)."""
+    def _ordered(self, idx: Tensor, grad: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """``idx`` (L x k) and ``grad`` (its scores) with each row sorted by `increment_order_key` (identity bases
+        need no order)."""
         if self.identity:
-            return idx
+            return idx, grad
         order = increment_order_key(idx, self.shape).sort(dim=1).indices
-        return idx.gather(1, order)
+        return idx.gather(1, order), None if grad is None else grad.gather(1, order)
 
     def _positions(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         """Positions of ``idx`` in each row, new entries numbered from n[l] on; their count per row."""
@@ -200,7 +204,7 @@ class _Stack:
         if any(ties):
             for l in (l for l, tie in enumerate(ties) if tie):
                 rotated = self.layers[l].rotate(self.params[l].grad).reshape(-1)
-                exact = self._ordered(topk_indices(rotated, self.k)[None])[0]
+                exact = self._ordered(topk_indices(rotated, self.k)[None])[0][0]
                 pick["idx"][l], pick["grad"][l] = exact, rotated[exact]
             pick["pos"], pick["new"] = self._positions(pick["idx"])
             counts = pick["new"].tolist()
@@ -397,7 +401,7 @@ class SparseGradAdamW(torch.optim.AdamW):
         blocks = [stack.gather(pick) for (stack, _, _), (pick, _) in zip(stacks, selected)]
         for group in {id(g): g for _, g, _ in stacks}.values():
             members = [j for j, (_, g, _) in enumerate(stacks) if g is group]
-            slots = [[blocks[j][s] for j in members] for s in range(len(_SLOTS))]
+            slots = list(zip(*(blocks[j].unbind(0) for j in members)))  # per slot, its block of each stack
             changes = _foreach_lazy_adam(*slots, [selected[j][0]["grad"] for j in members], group)
             for j, change in zip(members, changes):
                 stack, _, states = stacks[j]
