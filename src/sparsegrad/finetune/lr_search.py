@@ -20,8 +20,7 @@ from typing import Any, Callable
 
 from .errors import TrainingDiverged
 from .methods import default_lr
-from . import ranking
-from .ranking import METRIC_TIE, lower_is_better, pick
+from .ranking import METRIC_TIE, finite, lower_is_better, pick
 
 GRID_FACTORS = (10 ** -0.5, 1.0, 10 ** 0.5)
 PROBE_SHARE = 4
@@ -53,8 +52,8 @@ def ranked_by(points: list[dict[str, Any]]) -> str:
 def grid_edge(points: list[dict[str, Any]], best: dict[str, Any], metric: str) -> str | None:
     """``"highest"`` / ``"lowest"`` when the pick is the grid's end point and it won on its score (not a fallback
     where every point diverged, nor a tie of every point broken by the loss: then the edge says nothing)."""
-    scored = [p for p in points if ranking.finite(p.get(metric))]
-    if len(scored) < 2 or len({p[metric] for p in scored}) == 1 and not lower_is_better(metric):
+    scored = [p for p in points if finite(p.get(metric))]
+    if len(scored) < 2 or (len({p[metric] for p in scored}) == 1 and not lower_is_better(metric)):
         return None
     if best is points[-1]:
         return "highest"
