@@ -287,6 +287,36 @@ def test_shakespeare_chooses_with_lr_auto_at_the_first_seed_and_tests_the_rest_a
     assert (tmp_path / "shakespeare-mlp" / "quality.png").stat().st_size > 0
 
 
+def test_bbc_instruct_chooses_with_lr_auto_on_a_carve_and_tests_on_its_own_split(tmp_path, monkeypatch):
+    """No benchmark grid and no files of its own: seed 0 is the product's --lr auto on a validation carve of the
+    training articles, the other seeds train at its pick; every run is tested on --task bbc-instruct's split."""
+    seen = []
+
+    def execute(runs, opts):
+        for r in runs:
+            seen.append(r)
+            lr = r.args[r.args.index("--lr") + 1]
+            m = {"lr": 3e-3, "lr_search": {"grid": [{"lr": 3e-3, "val_loss": 0.5}], "picked_lr": 3e-3}} \
+                if lr == "auto" else {"lr": float(lr)}
+            m.update(eval_exact_match=0.8 + r.seed / 100, eval_loss=0.2)
+            r.dir.mkdir(parents=True, exist_ok=True)
+            r.metrics_path.write_text(json.dumps(m))
+        return {}
+
+    monkeypatch.setattr(quality, "execute", execute)
+    opts = quality.parse_args(["--tasks", "bbc-instruct", "--methods", "sparsegrad", "--seeds", "0", "1",
+                               "--steps", "4", "--test", "20", "--max-train", "32", "--out", str(tmp_path)])
+    s = quality.benchmark(quality.TASKS["bbc-instruct"], "mlp", opts, "python benchmarks/quality.py ...")
+    assert [(r.phase, r.seed, r.args[r.args.index("--lr") + 1]) for r in seen] == [("test", 0, "auto"),
+                                                                                   ("test", 1, "0.003")]
+    for r in seen:
+        assert r.args[r.args.index("--task") + 1] == "bbc-instruct" and "--train-file" not in r.args
+        assert r.args[r.args.index("--val-fraction") + 1] == "0.1" and r.args[r.args.index("--max-eval") + 1] == "20"
+    assert not (tmp_path / "bbc-instruct-mlp" / "data").exists()
+    assert s["rows"]["sparsegrad"]["per_seed"]["eval_exact_match"] == {0: 0.8, 1: 0.81}
+    assert "`--task bbc-instruct` held-out articles" in (tmp_path / "bbc-instruct-mlp" / "results.md").read_text()
+
+
 def test_a_grid_size_lr_auto_cannot_run_is_refused(capsys):
     with pytest.raises(SystemExit) as exc:
         quality.parse_args(["--tasks", "shakespeare", "--lr-grid-steps", "5"])
