@@ -188,7 +188,7 @@ def test_a_stop_signal_during_an_lr_auto_probe_saves_nothing_to_resume(assets, t
     out = tmp_path / "auto"
     monkeypatch.setenv("SPARSEGRAD_TEST_SIGNAL_AT_STEP", "1:TERM")  # step 1 of the first probe
     with pytest.raises(TrainingInterrupted, match=r"SIGTERM during the learning-rate search .*probe at lr .*step 1 "
-                                                  r"of 2.*no checkpoint is saved for a probe") as stopped:
+                                                  r"of 4.*no checkpoint is saved for a probe") as stopped:
         finetune(config(assets, out, lr_auto=True, method="lora", max_steps=8))
     assert stopped.value.exit_code == 143 and stopped.value.checkpoint is None
     assert latest_checkpoint(out) is None
@@ -200,7 +200,7 @@ def test_lr_auto_picks_by_the_validation_metric_and_trains_at_it(assets, tmp_pat
     record = m["lr_search"]
     grid = record["grid"]
     assert [p["lr"] for p in grid] == [float(f"{record['default_lr'] * f:.3g}") for f in (10 ** -0.5, 1, 10 ** 0.5)]
-    assert all(p["train_steps"] == 2 for p in grid)  # a quarter of the steps
+    assert all(p["train_steps"] == 4 for p in grid)  # half the steps
     top = max(p["val_accuracy"] for p in grid)  # the rule written out: best accuracy, within 0.005 the lower loss
     best = min((p for p in grid if p["val_accuracy"] >= top - 0.005 - 1e-12), key=lambda p: (p["val_loss"], p["lr"]))
     assert record["picked_lr"] == best["lr"] == m["lr"] and record["metric"] == "accuracy"

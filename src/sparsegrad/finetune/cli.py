@@ -54,7 +54,7 @@ from . import preflight
 from .data import check_columns, file_task_name
 from .errors import TrainingDiverged, TrainingInterrupted, UsageError
 from .model_kind import is_causal_lm, model_folder_problem
-from .choices import DEFAULT_VAL_FRACTION, VAL_METRICS
+from .choices import DEFAULT_VAL_FRACTION, LR_AUTO_PROBE_SHARE, VAL_METRICS
 
 PROG = "sparsegrad"
 METHOD_CHOICES = METHOD_NAMES
@@ -132,8 +132,8 @@ _positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive num
 _non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 _non_negative_float = _number(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
 _ratio = _number(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
-LR_AUTO_HELP = ("auto: pick it on the validation split from 3 rates around the default, each a run of 1/4 of the "
-                "steps (about 1.75x the training time)")
+LR_AUTO_HELP = (f"auto: pick it on the validation split from 3 rates around the default, each a run of "
+                f"1/{LR_AUTO_PROBE_SHARE} of the steps (about {1 + 3 / LR_AUTO_PROBE_SHARE:g}x the training steps)")
 
 
 def _lr_or_auto(text: str):

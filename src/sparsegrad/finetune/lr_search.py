@@ -1,12 +1,12 @@
 """``--lr auto``: the learning rate chosen on the validation split, per method.
 
 The grid is three half-decades around the method's default (`methods.default_lr`: default / sqrt(10), default,
-default x sqrt(10)). Each point is a short run of a quarter of the run's steps (at least one; same data, seed,
+default x sqrt(10)). Each point is a short run of half the run's steps (at least one; same data, seed,
 calibration and schedule shape, no files written, the test split never read), scored on the validation split.
 The points are ranked by `ranking.pick` on the score each probe kept its best step by (``--metric-for-best``;
 by default a classifier's accuracy, a causal LM's loss): the same rule and score as the run's own best step. The
-full run then trains at the pick. Cost: about 3/4 of one
-run's training steps more, plus three calibrations and model loads.
+full run then trains at the pick. Cost: about 1.5 runs' training steps more, plus three calibrations and model
+loads.
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from .choices import LR_AUTO_PROBE_SHARE as PROBE_SHARE
 from .errors import TrainingDiverged
 from .methods import default_lr
 from .ranking import METRIC_TIE, finite, lower_is_better, pick
 
 GRID_FACTORS = (10 ** -0.5, 1.0, 10 ** 0.5)
-PROBE_SHARE = 4
-"""Each grid point trains for 1/PROBE_SHARE of the run's steps."""
 RECORD_FILE = "lr_search.json"
 
 
