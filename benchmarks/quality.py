@@ -688,9 +688,11 @@ def earlier_results(out: Path, done: dict[str, tuple[Task, dict]]) -> dict[str, 
 
 
 def write_summary(out: Path, done: dict[str, tuple[Task, dict]]) -> None:
+    auto_tasks = [name for name, task in TASKS.items() if task.lr_auto]
     lines = ["# Quality benchmark: summary", "",
-             f"Each row at the learning rate chosen on its own validation split ({choice_rule()}; shakespeare: "
-             f"{choice_rule(TASKS['shakespeare'])} at the first seed), or at the product's default where marked "
+             f"Each row at the learning rate chosen on its own validation split ({choice_rule()}; "
+             f"{' and '.join(auto_tasks)}: {choice_rule(TASKS[auto_tasks[0]])} at the first seed), or at the "
+             "product's default where marked "
              "(default): not chosen on validation; test metric mean ± sd over the seeds; paired "
              "SparseGrad differences with 95 % t-intervals. Per task: the grid, the pick, every metric, the command "
              "and the plot in its results.md.", ""]
