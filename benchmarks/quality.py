@@ -87,8 +87,10 @@ class Task:
 
 LR_AUTO_NOTE = (
     "With a grid (`--lr-grid-steps 3`, the default) the rate of each row is the product's own `--lr auto`, run once, "
-    "at the first seed: three half-decades around the method's default, each a probe of a quarter of the steps "
-    "scored by the loss on a validation split the CLI carves from the training data (`--val-fraction`); the lowest "
+    "at the first seed: three half-decades around the method's default, each a probe of part of the steps (half "
+    "since 2026-12-01, a quarter before: `choices.LR_AUTO_PROBE_SHARE`; each run's lr_search.json records its "
+    "`probe_share`) scored by the loss on a validation split the CLI carves from the training data "
+    "(`--val-fraction`); the lowest "
     "validation loss wins. The probes never evaluate the test split; the full run at the pick reads it once, at its "
     "end. The other seeds train at that pick, with the same validation carve (so every run trains on as many "
     "examples). The validation carve also gives each run the untrained model's validation loss, which the "
@@ -445,7 +447,7 @@ def estimate_s(task: Task, opts) -> float:
 
 
 def auto_extra_s(task: Task, opts) -> float:
-    """What --lr auto adds to a run: its three probes of a quarter of the steps (each loads and calibrates)."""
+    """What --lr auto adds to a run: its three probes (`lr_search.probe_steps` each; each loads and calibrates)."""
     from sparsegrad.finetune.lr_search import GRID_FACTORS, probe_steps
 
     per_step = opts.sec_per_step if opts.sec_per_step else (5.0 if task.model == "minilm" else 40.0)
