@@ -7,10 +7,10 @@ from __future__ import annotations
 from .data import TASKS
 
 METHOD_NAMES = ("sparsegrad", "lora", "meprop", "full")
+"""Every fine-tuning method, in the order `methods.METHODS` lists them."""
 REFERENCE_METHOD = "lora"
 """The baseline compare reports step-time ratios and paired differences against (PEFT's LoRA, the method users
 know) when a comparison has it."""
-"""Every fine-tuning method, in the order `methods.METHODS` lists them."""
 METHOD_HELP = "sparsegrad (default), lora, meprop (SparseGrad without the rotation), full (dense MLP)"
 SCOPES = ("mlp", "all")
 NONFINITE_CHOICES = ("stop", "skip")
@@ -75,8 +75,8 @@ def lr_help() -> str:
                           for method in METHOD_NAMES)
         parts.append(f"{KIND_LABELS.get(kind, kind)} ({' / '.join(SCOPES)} scope): {rates}")
     return ("learning rate; the default depends on the method, the kind of model and --train-scope: "
-            + "; ".join(parts) + " (tuned on MiniLM-L6/BBC; causal LMs: LoRA's picked by --lr auto on two decoder tasks, the others not "
-            "tuned)").replace("%", "%%")
+            + "; ".join(parts) + " (tuned on MiniLM-L6/BBC; causal LMs: LoRA's picked by --lr auto on two decoder "
+            "tasks, the others not tuned)").replace("%", "%%")
 
 VAL_METRICS = ("loss", "accuracy", "macro_f1")
 """--metric-for-best choices: the loss is lower-is-better, the others higher-is-better."""
