@@ -529,8 +529,8 @@ def grid_scores(task: Task, grid: dict[str, list[Run]], autos: dict[str, Run]) -
     for row, runs in grid.items():
         if row in autos:
             record = (read_metrics(autos[row]) or {}).get("lr_search") or {}
-            out[row] = [{"lr": p["lr"], "loss": p.get("val_loss"), "metric": p.get("val_" + task.metric_name)}
-                        for p in record.get("grid", [])]
+            out[row] = [{"lr": p["lr"], "loss": p.get("val_loss"), "metric": p.get("val_" + task.metric_name),
+                         "steps": p.get("train_steps")} for p in record.get("grid", [])]
             continue
         out[row] = []
         for r in runs:
@@ -540,13 +540,18 @@ def grid_scores(task: Task, grid: dict[str, list[Run]], autos: dict[str, Run]) -
 
 
 def grid_table(task: Task, scores: dict[str, list[dict]], chosen: dict[str, float]) -> list[str]:
-    out = ["| row | lr | validation loss | validation " + task.metric_name + " | chosen |", "|---|---|---|---|---|"]
+    """One line per grid point; a --lr auto task also names each probe's steps (its record's ``train_steps``), since
+    rows chosen before and after a change of the probe length can share a table."""
+    probes = " probe steps |" if task.lr_auto else ""
+    out = ["| row | lr |" + probes + " validation loss | validation " + task.metric_name + " | chosen |",
+           "|---|---|" + "---|" * bool(probes) + "---|---|---|"]
     for row, points in scores.items():
         if not points:
-            out.append(f"| {row} | {chosen.get(row, math.nan):g} | no grid | | the product's default, **not chosen on "
-                       "validation** |")
+            out.append(f"| {row} | {chosen.get(row, math.nan):g} |" + " |" * bool(probes) + " no grid | | the "
+                       "product's default, **not chosen on validation** |")
         for p in points:
-            out.append(f"| {row} | {p['lr']:g} | {fmt(p['loss'])} | {fmt(p['metric'])} | "
+            steps = f" {p.get('steps') or '?'} |" if probes else ""
+            out.append(f"| {row} | {p['lr']:g} |{steps} {fmt(p['loss'])} | {fmt(p['metric'])} | "
                        f"{'**yes**' if chosen.get(row) == p['lr'] else ''} |")
     return out
 

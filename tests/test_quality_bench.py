@@ -160,7 +160,7 @@ def test_tiny_end_to_end_run(tmp_path):
 
     for row in ("sparsegrad", "lora"):
         assert f"| {row} | {default_lr(row, 'mlp'):g} | " in text  # the grid's (one) rate, chosen
-    assert text.count("**yes**") == 2
+    assert text.count("**yes**") == 2 and "| row | lr | validation loss |" in text  # no probes: no probe column
     assert (base / "quality.png").stat().st_size > 0 and (out / "summary.md").is_file()
     # the three files are disjoint and of the asked sizes; the test runs read the test file
     files = {s: [r["text"] for r in csv.DictReader(open(base / "data" / f"{s}.csv", encoding="utf-8"))]
@@ -242,7 +242,8 @@ def _fake_cli(record_lrs: dict[str, dict[float, float]], picked_ppl: dict[str, f
             lr = args[args.index("--lr") + 1]
             m = {}
             if lr == "auto":
-                grid = [{"lr": x, "val_loss": math.log(v), "val_perplexity": v} for x, v in record_lrs[r.row].items()]
+                grid = [{"lr": x, "val_loss": math.log(v), "val_perplexity": v, "train_steps": 4}
+                        for x, v in record_lrs[r.row].items()]
                 pick = min(grid, key=lambda p: p["val_loss"])["lr"]
                 m.update(lr=pick, lr_search={"grid": grid, "picked_lr": pick})
             else:
@@ -280,8 +281,9 @@ def test_shakespeare_chooses_with_lr_auto_at_the_first_seed_and_tests_the_rest_a
     assert s["rows"]["sparsegrad"]["per_seed"]["eval_perplexity"] == {0: 24.0, 1: 24.1}
     assert s["winner"]["row"] == "sparsegrad" and s["paired"]["sparsegrad - lora"]["mean"] == pytest.approx(-1.0)
     text = (tmp_path / "shakespeare-mlp" / "results.md").read_text()
-    assert "| sparsegrad | 0.001 | 3.2189 | 25.0000 | **yes** |" in text  # the --lr auto record, log(25) = 3.2189
-    assert "| lora | 0.001 | 3.3322 | 28.0000 |  |" in text and "| full | " + f"{full_lr:g}" + " | no grid |" in text
+    # the --lr auto record, log(25) = 3.2189, with each probe's steps
+    assert "| sparsegrad | 0.001 | 4 | 3.2189 | 25.0000 | **yes** |" in text
+    assert "| lora | 0.001 | 4 | 3.3322 | 28.0000 |  |" in text and f"| full | {full_lr:g} | | no grid |" in text
     assert "lower is better" in text and "`--task shakespeare` held-out regions" in text
     assert f"| full | {full_lr:g} (default) | 2 |" in text and "| sparsegrad | 0.001 | 2 |" in text
     assert (tmp_path / "shakespeare-mlp" / "quality.png").stat().st_size > 0
