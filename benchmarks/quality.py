@@ -90,10 +90,10 @@ LR_AUTO_NOTE = (
     "at the first seed: three half-decades around the method's default, each a probe of part of the steps (half "
     "since 2026-12-01, a quarter before: `choices.LR_AUTO_PROBE_SHARE`; each run's lr_search.json records its "
     "`probe_share`) scored by the loss on a validation split the CLI carves from the training data "
-    "(`--val-fraction`); the lowest validation loss wins. The probes never evaluate the test split; the full run at the pick reads it once, at its "
-    "end. The other seeds train at that pick, with the same validation carve (so every run trains on as many "
-    "examples). The validation carve also gives each run the untrained model's validation loss, which the "
-    "product's did-not-learn check compares against (metrics.json: did_not_learn)."
+    "(`--val-fraction`); the lowest validation loss wins. The probes never evaluate the test split; the full run at "
+    "the pick reads it once, at its end. The other seeds train at that pick, with the same validation carve (so "
+    "every run trains on as many examples). The validation carve also gives each run the untrained model's "
+    "validation loss, which the product's did-not-learn check compares against (metrics.json: did_not_learn)."
 )
 BBC_INSTRUCT_NOTE = (
     "The test split is the CLI's own `--task bbc-instruct` held-out articles of each seed (`--max-eval`), never a "

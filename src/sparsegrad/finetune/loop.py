@@ -104,8 +104,8 @@ def pick_lr(cfg: FinetuneConfig, ctx: DistContext) -> FinetuneConfig:
 
 def train(cfg: FinetuneConfig, ctx: DistContext, probe: bool = False) -> dict[str, Any]:
     """The loop (see the module docstring), in its run folder: checked, locked and cleaned before any model loads.
-    ``probe``: a short run for `lr_search` (1/`choices.LR_AUTO_PROBE_SHARE` of the steps) that returns its validation metrics, writes
-    nothing and never reads the test split."""
+    ``probe``: a short run for `lr_search` (1/`choices.LR_AUTO_PROBE_SHARE` of the steps) that returns its validation
+    metrics, writes nothing and never reads the test split."""
     log = print if cfg.verbose and ctx.is_main else (lambda *a, **k: None)
     with checked_run_folder(cfg, ctx, log) as out_dir:
         return train_in(cfg, ctx, out_dir, probe)

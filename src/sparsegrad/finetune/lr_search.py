@@ -1,12 +1,13 @@
 """``--lr auto``: the learning rate chosen on the validation split, per method.
 
 The grid is three half-decades around the method's default (`methods.default_lr`: default / sqrt(10), default,
-default x sqrt(10)). Each point is a short run of half the run's steps (at least one; same data, seed,
-calibration and schedule shape, no files written, the test split never read), scored on the validation split.
+default x sqrt(10)). Each point is a short run of 1/`choices.LR_AUTO_PROBE_SHARE` of the run's steps (half; at
+least one; same data, seed, calibration and schedule shape, no files written, the test split never read), scored on
+the validation split.
 The points are ranked by `ranking.pick` on the score each probe kept its best step by (``--metric-for-best``;
 by default a classifier's accuracy, a causal LM's loss): the same rule and score as the run's own best step. The
-full run then trains at the pick. Cost: about 1.5 runs' training steps more, plus three calibrations and model
-loads.
+full run then trains at the pick. Cost: 3/`LR_AUTO_PROBE_SHARE` runs' training steps more (1.5 at half), plus three
+calibrations and model loads.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .choices import LR_AUTO_PROBE_SHARE as PROBE_SHARE
+from .choices import LR_AUTO_PROBE_SHARE
 from .errors import TrainingDiverged
 from .methods import default_lr
 from .ranking import METRIC_TIE, finite, lower_is_better, pick
@@ -28,7 +29,7 @@ RECORD_FILE = "lr_search.json"
 
 
 def probe_steps(total_steps: int) -> int:
-    return max(1, math.ceil(total_steps / PROBE_SHARE))
+    return max(1, math.ceil(total_steps / LR_AUTO_PROBE_SHARE))
 
 
 def grid(center: float) -> list[float]:
@@ -84,7 +85,7 @@ def search(cfg: Any, run_probe: Callable[[Any], dict[str, Any]], log: Callable[.
     criterion = ("lowest validation loss (ties: lower lr)" if metric == "loss" else
                  f"highest validation {metric} (within {METRIC_TIE:g}: lower validation loss, then lower lr)")
     edge = grid_edge(points, best, "val_" + metric)
-    record = {"grid": points, "picked_lr": best["lr"], "default_lr": center, "probe_share": 1 / PROBE_SHARE,
+    record = {"grid": points, "picked_lr": best["lr"], "default_lr": center, "probe_share": 1 / LR_AUTO_PROBE_SHARE,
               "criterion": criterion, "metric": metric, "metric_tie": METRIC_TIE, "grid_edge": edge,
               "time_s": round(time.perf_counter() - start, 3)}
     log(f"lr auto: picked lr {best['lr']:g} (default {center:g}; {criterion}) in {record['time_s']:.1f} s")
