@@ -244,6 +244,13 @@ def test_shakespeare_regions_disjoint_and_deterministic(tok):
     ev = a.eval[0].source[:40]
     assert any(ev in text_regions[i] for i in held) and not any(ev in text_regions[i]
                                                                for i in range(len(text_regions)) if i not in held)
+    # Spare chunks (for validation): half as many as training, from training regions no training chunk comes from.
+    assert len(a.spare) == 20 and [e.input_ids for e in a.spare] == [e.input_ids for e in b.spare]
+
+    def region_of(e):
+        return next(i for i, r in enumerate(text_regions) if e.source[:60] in r)
+    spare_regions, train_regions = {region_of(e) for e in a.spare}, {region_of(e) for e in a.train}
+    assert not spare_regions & held and not spare_regions & train_regions
 
 
 def test_pair_files(tok, tmp_path):

@@ -72,6 +72,29 @@ def test_causal_lm_val_split_is_disjoint(assets, tmp_path):
     task.load(cfg, torch.float32)
     ids = lambda exs: {tuple(e.input_ids) for e in exs}  # noqa: E731
     assert task.num_val == 5 and not ids(task.val) & ids(task.data.train) and not ids(task.val) & ids(task.data.eval)
+    assert task.val_source == "train"  # a pair file has no spare text: the carve comes from training
+
+
+def test_causal_lm_val_prefers_spare_text():
+    train, spare = list(range(40)), list(range(100, 110))
+    kept, val, source = selection.carve_lm(train, spare, 0.2, seed=0)
+    assert (kept, val, source) == (train, spare[:8], "spare")  # training unchanged, the first 8 spare examples
+    kept, val, source = selection.carve_lm(train, spare[:7], 0.2, seed=0)  # 7 < 8: carve training instead
+    assert source == "train" and len(val) == 8 and len(kept) == 32 and sorted(kept + val) == train
+    assert (kept, val) == tuple(selection.carve_examples(train, 0.2, seed=0))
+
+
+def test_shakespeare_validation_comes_from_regions_training_never_sees(assets):
+    from sparsegrad.finetune.tasks.causal_lm import CausalLMTask
+
+    cfg = FinetuneConfig(model=str(assets["lm"]), task="shakespeare", max_length=32, max_train=40, max_eval=8,
+                         val_fraction=0.25)
+    task = CausalLMTask(cfg)
+    task.load(cfg, torch.float32)
+    ids = lambda exs: {tuple(e.input_ids) for e in exs}  # noqa: E731
+    assert task.val_source == "spare" and task.num_val == 10 and task.num_train == 40  # training keeps all 40
+    assert not ids(task.val) & ids(task.data.train) and not ids(task.val) & ids(task.data.eval)
+    assert task.describe()["val_source"] == "spare"
 
 
 # ------------------------------------------------------------------------------------------------- best step

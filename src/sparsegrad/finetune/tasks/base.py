@@ -93,11 +93,16 @@ def check_positions(model: nn.Module, max_length: int) -> None:
         raise UsageError(f"max_length {max_length} exceeds the model's {max_pos} positions")
 
 
+VAL_SOURCE_WORDS = {"train": "carved from training", "spare": "from data training never sees; training unchanged"}
+"""How the summary names a validation split's source (metrics.json ``val_source``)."""
+
+
 def selection_lines(m: dict[str, Any]) -> list[str]:
     """The validation line (best step restored, early stop, the lr auto pick) of a run's summary."""
     if m.get("val_best_step") is None:
         return []
-    line = (f"  validation ({m['num_val']} rows carved from training): best {m['val_metric_for_best']} "
+    source = VAL_SOURCE_WORDS.get(m.get("val_source"), "carved from training")
+    line = (f"  validation ({m['num_val']} rows {source}): best {m['val_metric_for_best']} "
             f"{m['val_' + m['val_metric_for_best']]:.4f} at step {m['val_best_step']} (the adapter holds that step)")
     if m.get("stopped_early_at_step"):
         line += f", stopped early at step {m['stopped_early_at_step']}"

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .. import lm
-from ..selection import carve_examples, lm_learning_check
+from ..selection import carve_lm, lm_learning_check
 from .base import check_positions, cost_lines, selection_lines, usage_errors
 
 KIND = "causal-lm"
@@ -42,9 +42,10 @@ class CausalLMTask:
                                         prompt_column=cfg.prompt_column, response_column=cfg.response_column,
                                         max_length=cfg.max_length, seed=cfg.seed, eval_fraction=cfg.eval_fraction,
                                         max_train=cfg.max_train, max_eval=cfg.max_eval)
-        self.val = []
+        self.val, self.val_source = [], None
         if cfg.val_fraction and len(self.data.train) > 1:
-            self.data.train, self.val = carve_examples(self.data.train, cfg.val_fraction, cfg.seed)
+            self.data.train, self.val, self.val_source = carve_lm(self.data.train, self.data.spare,
+                                                                  cfg.val_fraction, cfg.seed)
         self.name = cfg.task_name  # the data's name, or --task-name
         self.tokenizer = tokenizer
         self.pad_id = lm.pad_token_id(tokenizer)
@@ -63,7 +64,7 @@ class CausalLMTask:
         return len(self.val)
 
     def evaluate_val(self, model: nn.Module) -> dict[str, Any]:
-        """Loss and perplexity on the validation examples (carved from the training data)."""
+        """Loss and perplexity on the validation examples (spare text, else carved from the training data)."""
         result = lm.evaluate_loss(model, self.val, self.pad_id)
         return {"loss": result["eval_loss"], "perplexity": result["eval_perplexity"]}
 
@@ -95,7 +96,7 @@ class CausalLMTask:
         train = self.data.train
         return {"model_kind": KIND, "data_kind": self.data.kind, "num_train": len(train),
                 "num_eval": len(self.data.eval), "num_val": self.num_val,
-                "val_source": "train" if self.val else None, "prompt_format": self.data.prompt_format,
+                "val_source": self.val_source, "prompt_format": self.data.prompt_format,
                 "truncated_examples": self.data.truncated, "duplicates_dropped": self.data.duplicates_dropped,
                 "train_tokens_per_step_mean": (sum(len(e.input_ids) for e in train) / max(1, len(train))
                                                * self.cfg.batch_size)}
