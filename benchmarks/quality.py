@@ -89,10 +89,11 @@ LR_AUTO_NOTE = (
     "With a grid (`--lr-grid-steps 3`, the default) the rate of each row is the product's own `--lr auto`, run once, "
     "at the first seed: three half-decades around the method's default, each a probe of part of the steps (half "
     "since 2026-12-01, a quarter before: `choices.LR_AUTO_PROBE_SHARE`; each run's lr_search.json records its "
-    "`probe_share`) scored by the loss on a validation split the CLI carves from the training data "
-    "(`--val-fraction`); the lowest validation loss wins. The probes never evaluate the test split; the full run at "
-    "the pick reads it once, at its end. The other seeds train at that pick, with the same validation carve (so "
-    "every run trains on as many examples). The validation carve also gives each run the untrained model's "
+    "`probe_share`) scored by the loss on the CLI's validation split (`--val-fraction`; metrics.json `val_source`: "
+    "`train`, carved from the training examples, or `spare`, text training never reads: Shakespeare regions since "
+    "2026-12-02); the lowest validation loss wins. The probes never evaluate the test split; the full run at "
+    "the pick reads it once, at its end. The other seeds train at that pick, with the same validation split (so "
+    "every run trains on as many examples). The validation split also gives each run the untrained model's "
     "validation loss, which the product's did-not-learn check compares against (metrics.json: did_not_learn)."
 )
 BBC_INSTRUCT_NOTE = (
@@ -467,8 +468,8 @@ def print_plan(opts) -> None:
             for row, runs in grids.items():
                 default = product_default_lr(ROWS[row][0], scope, task.model_kind)
                 grid = (f"lr grid {', '.join(f'{r.lr:g}' for r in runs)} (validation, seed {opts.seeds[0]}) -> chosen"
-                        if runs else f"--lr auto around {default:g} at seed {opts.seeds[0]} (validation carved from "
-                        "training) -> its pick" if row in autos else f"no grid: the default {default:g}")
+                        if runs else f"--lr auto around {default:g} at seed {opts.seeds[0]} (the CLI's validation "
+                        "split) -> its pick" if row in autos else f"no grid: the default {default:g}")
                 print(f"  {row:20s} {grid} lr x seeds {opts.seeds} (test)")
     print(f"total: {total_runs} runs, about {total_s / 60:.0f} min with --jobs {opts.jobs} "
           f"({opts.steps} steps of {opts.batch_size}; estimate from --sec-per-step, default 5 s MiniLM / 40 s "
@@ -633,9 +634,10 @@ def split_lines(task: Task, files: dict[str, Path], opts) -> list[str]:
     out = ["| split | file | rows | per class |", "|---|---|---|---|"]
     if not files:  # the bundled task's own splits
         out += [f"| train | `--task {task.cli_task}` training regions | {opts.max_train} chunks of {opts.max_length} "
-                f"tokens (--max-train), less the validation carve | |",
-                f"| validation | carved by the CLI from the training chunks (`--val-fraction {task.val_fraction:g}`, "
-                "seeded per run) | see metrics.json (num_val) | |",
+                f"tokens (--max-train), less the validation carve where it comes from training | |",
+                f"| validation | the CLI's (`--val-fraction {task.val_fraction:g}`, seeded per run): chunks of "
+                "training regions training never reads (metrics.json `val_source` spare), or carved from the "
+                "training chunks (`train`, before 2026-12-02) | see metrics.json (num_val) | |",
                 f"| test | `--task {task.cli_task}` held-out regions | {opts.test} chunks (--max-eval) | |"]
         return out + [""]
     for split, path in files.items():

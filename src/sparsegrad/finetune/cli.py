@@ -146,8 +146,8 @@ def _add_selection_args(p: argparse.ArgumentParser) -> None:
                              "the end) picks the best step, stops early and chooses --lr auto.")
     g.add_argument("--val-fraction", type=_ratio, default=None,
                    help="validation rows as a share of the training rows, stratified and seeded; taken from training "
-                        "rows outside --max-train when there are any (shakespeare: chunks of text regions training never "
-                        "reads) (default 0.1; 0 = no validation)")
+                        "rows outside --max-train when there are any (shakespeare: chunks of text regions training "
+                        "never reads) (default 0.1; 0 = no validation)")
     g.add_argument("--eval-every", type=_positive_int, default=None, metavar="STEPS",
                    help="evaluate on the validation split every STEPS steps (default: each epoch and the last step); "
                         "the best evaluation's state is what the adapter holds")
