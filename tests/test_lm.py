@@ -244,12 +244,14 @@ def test_shakespeare_regions_disjoint_and_deterministic(tok):
     ev = a.eval[0].source[:40]
     assert any(ev in text_regions[i] for i in held) and not any(ev in text_regions[i]
                                                                for i in range(len(text_regions)) if i not in held)
-    # Spare chunks (for validation): half as many as training, from training regions no training chunk comes from.
-    assert len(a.spare) == 20 and [e.input_ids for e in a.spare] == [e.input_ids for e in b.spare]
+    # Spare chunks (for validation): as many as asked for, seeded, from training regions no training chunk comes from.
+    spare = a.spare(20)
+    assert len(spare) == 20 and [e.input_ids for e in spare] == [e.input_ids for e in b.spare(20)]
+    assert [e.input_ids for e in a.spare(8)] == [e.input_ids for e in spare[:8]]
 
     def region_of(e):
         return next(i for i, r in enumerate(text_regions) if e.source[:60] in r)
-    spare_regions, train_regions = {region_of(e) for e in a.spare}, {region_of(e) for e in a.train}
+    spare_regions, train_regions = {region_of(e) for e in spare}, {region_of(e) for e in a.train}
     assert not spare_regions & held and not spare_regions & train_regions
 
 

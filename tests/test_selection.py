@@ -77,11 +77,12 @@ def test_causal_lm_val_split_is_disjoint(assets, tmp_path):
 
 def test_causal_lm_val_prefers_spare_text():
     train, spare = list(range(40)), list(range(100, 110))
-    kept, val, source = selection.carve_lm(train, spare, 0.2, seed=0)
+    kept, val, source = selection.carve_lm(train, lambda n: spare[:n], 0.2, seed=0)
     assert (kept, val, source) == (train, spare[:8], "spare")  # training unchanged, the first 8 spare examples
-    kept, val, source = selection.carve_lm(train, spare[:7], 0.2, seed=0)  # 7 < 8: carve training instead
+    kept, val, source = selection.carve_lm(train, lambda n: spare[:7], 0.2, seed=0)  # 7 < 8: carve training
     assert source == "train" and len(val) == 8 and len(kept) == 32 and sorted(kept + val) == train
     assert (kept, val) == tuple(selection.carve_examples(train, 0.2, seed=0))
+    assert selection.carve_lm(train, None, 0.2, seed=0) == (kept, val, "train")  # no spare text at all
 
 
 def test_shakespeare_validation_comes_from_regions_training_never_sees(assets):

@@ -25,7 +25,7 @@ import math
 import random
 import string
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -116,9 +116,10 @@ class LMData:
     truncated: int = 0
     """Examples whose user text (or response) was cut to fit ``max_length``."""
     details: str = ""
-    spare: list[LMExample] = field(default_factory=list)
-    """Examples of text neither split uses (Shakespeare: training regions no training chunk comes from), for a
-    validation split that is as far from the training text as the held-out split is (`selection.carve_lm`)."""
+    spare: Callable[[int], list[LMExample]] | None = None
+    """``spare(n)``: up to ``n`` examples of text neither split uses (Shakespeare: training regions no training
+    chunk comes from), for a validation split as far from the training text as the held-out split is
+    (`selection.carve_lm`); None when the data has none."""
 
     def summary(self) -> str:
         tokens = sum(len(e.input_ids) for e in self.train)
@@ -326,9 +327,8 @@ def load_shakespeare(tokenizer: Any, *, max_length: int, seed: int = 0, eval_fra
     region is tokenised alone and cut into whole chunks (a region's short tail is dropped). Training chunks come
     from the training regions in a seeded order until ``max_train`` chunks (default: every chunk), held-out
     chunks from the held-out regions in a fixed order, at most 4 per region, until ``max_eval`` (default 64).
-    Spare chunks (``LMData.spare``, for a validation split) come the same way from the training regions after the
-    last one training used, up to half as many as training has; none when training takes every region. Only the
-    regions needed are tokenised.
+    Spare chunks (``LMData.spare(n)``, for a validation split) come the same way from the training regions after
+    the last one training used; none when training takes every region. Only the regions needed are tokenised.
     """
     if not 0.0 < eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be strictly between 0 and 1, got {eval_fraction!r}")
@@ -355,25 +355,23 @@ def load_shakespeare(tokenizer: Any, *, max_length: int, seed: int = 0, eval_fra
         train.extend(text_example(c) for c in chunks(i))
         used += 1
     train = train[:max_train] if max_train is not None else train
-    # Spare regions: the training regions after the last one a training chunk came from, a few chunks each, up to
-    # half as many chunks as training has (enough for any --val-fraction under 0.5).
-    spare: list[LMExample] = []
-    for i in train_regions[used:]:
-        if len(spare) >= len(train) // 2:
-            break
-        spare.extend(text_example(c) for c in chunks(i)[:SHAKESPEARE_EVAL_CHUNKS_PER_REGION])
-    n_eval = max_eval if max_eval is not None else 64
-    evals: list[LMExample] = []
-    for i in spread:
-        if len(evals) >= n_eval:
-            break
-        evals.extend(text_example(c) for c in chunks(i)[:SHAKESPEARE_EVAL_CHUNKS_PER_REGION])
-    evals = evals[:n_eval]
+
+    def few_per_region(region_ids: list[int], n: int) -> list[LMExample]:
+        """The first ``n`` chunks, at most a few per region, so that they spread over many regions."""
+        out: list[LMExample] = []
+        for i in region_ids:
+            if len(out) >= n:
+                break
+            out.extend(text_example(c) for c in chunks(i)[:SHAKESPEARE_EVAL_CHUNKS_PER_REGION])
+        return out[:n]
+
+    evals = few_per_region(spread, max_eval if max_eval is not None else 64)
     if not train or not evals:
         raise ValueError(f"shakespeare: no chunk of {max_length} tokens (lower --max-length)")
+    unused = train_regions[used:]  # training regions no training chunk comes from: tokenised only when asked for
     return LMData("shakespeare", "text", train, evals, max_length,
                   details=f"{len(regions)} regions of ~{SHAKESPEARE_REGION_CHARS:,d} characters, "
-                          f"{len(held)} held out", spare=spare[: len(train) // 2])
+                          f"{len(held)} held out", spare=lambda n: few_per_region(unused, n))
 
 
 def load_lm_data(tokenizer: Any, *, task: str | None = None, train_file: str | None = None,

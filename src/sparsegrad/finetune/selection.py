@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,15 +69,16 @@ def carve_examples(examples: list, fraction: float, seed: int) -> tuple[list, li
     return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
 
 
-def carve_lm(train: list, spare: list, fraction: float, seed: int) -> tuple[list, list, str]:
-    """(train, val, source) of a causal LM: ``val_size`` of the ``spare`` examples (source ``spare``; training
-    unchanged) when there are enough, else a seeded carve of ``train`` (source ``train``). Spare text is preferred
+def carve_lm(train: list, spare: Callable[[int], list] | None, fraction: float, seed: int) -> tuple[list, list, str]:
+    """(train, val, source) of a causal LM: ``val_size`` examples from ``spare(n)`` (source ``spare``; training
+    unchanged) when it has enough, else a seeded carve of ``train`` (source ``train``). Spare text is preferred
     because it is as far from the training text as the held-out split is: Shakespeare chunks carved from the
     training regions share their scenes and speakers (their perplexity was 41 where the held-out regions' was
     57-71; docs/benchmarks.md "shakespeare, scope all")."""
     n_val = val_size(len(train), fraction)
-    if len(spare) >= n_val:
-        return train, spare[:n_val], "spare"
+    val = spare(n_val) if spare is not None else []
+    if len(val) >= n_val:
+        return train, val, "spare"
     kept, val = carve_examples(train, fraction, seed)
     return kept, val, "train"
 
