@@ -1,13 +1,13 @@
 """``--lr auto``: the learning rate chosen on the validation split, per method.
 
 The grid is three half-decades around the method's default (`methods.default_lr`: default / sqrt(10), default,
-default x sqrt(10)). Each point is a short run of 1/`choices.LR_AUTO_PROBE_SHARE` of the run's steps (half; at
-least one; same data, seed, calibration and schedule shape, no files written, the test split never read), scored on
-the validation split.
+default x sqrt(10)). Each point is a short run of 1/`choices.LR_AUTO_PROBE_SHARE` of the run's steps (at least
+one; same data, seed, calibration and schedule shape, no files written, the test split never read), scored on the
+validation split.
 The points are ranked by `ranking.pick` on the score each probe kept its best step by (``--metric-for-best``;
 by default a classifier's accuracy, a causal LM's loss): the same rule and score as the run's own best step. The
-full run then trains at the pick. Cost: 3/`LR_AUTO_PROBE_SHARE` runs' training steps more (1.5 at half), plus three
-calibrations and model loads.
+full run then trains at the pick. Cost: 3/`LR_AUTO_PROBE_SHARE` runs' training steps more, plus three calibrations
+and model loads.
 """
 
 from __future__ import annotations
