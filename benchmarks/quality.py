@@ -704,7 +704,8 @@ def write_summary(out: Path, done: dict[str, tuple[Task, dict]]) -> None:
              "(default): not chosen on validation; test metric mean ± sd over the seeds; paired "
              "SparseGrad differences with 95 % t-intervals. Per task: the grid, the pick, every metric, the command "
              "and the plot in its results.md.", ""]
-    for key, (task, s) in {**done, **earlier_results(out, done)}.items():
+    # sorted by folder name, so that a rerun of one task does not reorder the file
+    for key, (task, s) in sorted({**done, **earlier_results(out, done)}.items()):
         name = task.metric_name
         lines += [f"## {key} (winner metric: test {name}, {direction(task)})", "",
                   "| row | lr | test " + name + " | seeds |",

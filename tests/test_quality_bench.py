@@ -128,6 +128,7 @@ def test_summary_keeps_the_tasks_of_an_earlier_invocation(tmp_path):
     quality.write_summary(tmp_path, {"tweets3-mlp": (quality.TASKS["tweets3"], tweets)})
     text = (tmp_path / "summary.md").read_text()
     assert "## tweets3-mlp" in text and "## bbc-mlp" in text and "notatask" not in text
+    assert text.index("## bbc-mlp") < text.index("## tweets3-mlp")  # by name, not this run's tasks first
     assert "| sparsegrad | 0.003 | 0.8500 ± 0.0500 | 3 |" in text
     assert f"sparsegrad - lora: +{0.17 / 3:.3f}" in text
 
